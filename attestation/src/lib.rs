@@ -1,0 +1,3 @@
+//! Attestation for ShardSeal: evidence, the verifier seam, release policy, and the
+//! software TEE backend.
+#![forbid(unsafe_code)]

@@ -1,0 +1,3 @@
+//! Test support for ShardSeal (unpublished): model builders and helpers that start a
+//! broker, a coordinator and functions in a few lines.
+#![forbid(unsafe_code)]
