@@ -16,3 +16,5 @@ pub mod v1 {
     #![allow(missing_docs, clippy::all, clippy::pedantic)]
     tonic::include_proto!("shardseal.v1");
 }
+
+pub mod tls;
