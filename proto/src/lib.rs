@@ -10,6 +10,7 @@
 //!                      └── key broker ◄────┘ (attest, key release)
 //! ```
 #![forbid(unsafe_code)]
+#![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
 /// Version 1 of the ShardSeal protocol.
 pub mod v1 {
