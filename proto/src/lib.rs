@@ -18,4 +18,5 @@ pub mod v1 {
     tonic::include_proto!("shardseal.v1");
 }
 
+pub mod tensor;
 pub mod tls;
