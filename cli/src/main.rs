@@ -2,6 +2,8 @@
 
 use clap::{Parser, Subcommand};
 
+mod quoting_agent;
+
 /// Confidential inference on serverless functions.
 #[derive(Debug, Parser)]
 #[command(name = "shardseal", version, about)]
@@ -11,9 +13,14 @@ struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
-enum Command {}
+enum Command {
+    /// Run the software TEE's quoting agent (measures callers, signs quotes).
+    QuotingAgent(quoting_agent::QuotingAgentArgs),
+}
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    match cli.command {}
+    match cli.command {
+        Command::QuotingAgent(args) => quoting_agent::run(args),
+    }
 }
