@@ -1,2 +1,96 @@
 //! The ShardSeal serverless function: attests to the key broker, opens its own model
 //! shard, and runs it with tract on activations sealed to its stage.
+//!
+//! ```text
+//!   coordinator ──ProcessRequest(sealed to stage i)──▶ function (stage i)
+//!                                                        │ open with the stage key
+//!                                                        │ run the shard (tract)
+//!                                                        │ seal to stage i+1 (or client)
+//!   coordinator ◀──ProcessResponse(sealed onward)─────────┘
+//! ```
+//!
+//! A function decrypts exactly two things: its own shard, with the shard key the broker
+//! released to it after attestation, and activations sealed to its stage. It never writes
+//! plaintext to disk, logs names, sizes and timings only, makes itself non-dumpable
+//! before it asks for a key, and (as a binary) wipes every freed heap block.
+#![deny(unsafe_code)]
+#![cfg_attr(not(test), warn(clippy::unwrap_used))]
+
+mod cold_start;
+mod engine;
+mod entry;
+mod hardening;
+mod service;
+mod wipe_alloc;
+
+pub use cold_start::{AttestedStage, ColdStartConfig, cold_start};
+pub use engine::{InputSpec, StageEngine};
+pub use entry::{FunctionArgs, READY_MARKER, main_with};
+pub use hardening::{harden_process, is_dumpable};
+pub use service::{MAX_MESSAGE_BYTES, StageService, run};
+pub use wipe_alloc::WipeOnFree;
+
+/// Logs to stderr, filtered by `RUST_LOG` (default `info`). Never a key or a tensor value:
+/// every span in this crate names its fields.
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// Everything that can go wrong inside a function. Messages name tensors and shapes,
+/// never values; what a peer sees is mapped separately at the gRPC edge.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// Bad arguments or local setup (PKI, listener).
+    #[error("configuration: {0}")]
+    Config(String),
+    /// Process hardening failed; the function refuses to ask for keys.
+    #[error("hardening: {0}")]
+    Hardening(String),
+    /// The broker could not be reached or answered unexpectedly.
+    #[error("key broker: {0}")]
+    Broker(String),
+    /// The quoting agent could not produce evidence.
+    #[error("attestation: {0}")]
+    Attestation(String),
+    /// The broker refused to release keys (the reason it gave).
+    #[error("attestation refused: {0}")]
+    AttestationRefused(String),
+    /// The shard store could not provide the shard, or it was not the signed one.
+    #[error("shard store: {0}")]
+    Store(String),
+    /// An envelope or key failed (tampered shard, malformed key, ...).
+    #[error(transparent)]
+    Keys(shardseal_keys::Error),
+    /// Activations did not open: tampered, replayed into another request or hop, or
+    /// sealed to another stage.
+    #[error("activations refused: they do not open for this request, hop and stage")]
+    ActivationRefused,
+    /// The decrypted activations are not a valid tensor bundle.
+    #[error("activations: {0}")]
+    Tensor(shardseal_proto::tensor::TensorError),
+    /// The decrypted shard is not a loadable ONNX model.
+    #[error("model load failed: {0}")]
+    ModelLoad(String),
+    /// A tensor the shard declares was not among the activations.
+    #[error("missing input tensor {0:?}")]
+    MissingInput(String),
+    /// A tensor arrived with another type or shape than the shard declares.
+    #[error("input {name:?}: expected {expected}, got {actual}")]
+    InputMismatch {
+        /// The tensor.
+        name: String,
+        /// Declared type and shape.
+        expected: String,
+        /// Received type and shape.
+        actual: String,
+    },
+    /// tract failed while running the shard.
+    #[error("inference failed: {0}")]
+    Inference(String),
+}

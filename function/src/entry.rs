@@ -1,0 +1,90 @@
+//! The function process's entry point, shared by the small `shardseal-function` binary and
+//! the `shardseal function` subcommand.
+
+use std::path::PathBuf;
+
+use shardseal_attestation::{ModelId, StageIndex};
+use shardseal_proto::tls::Pki;
+
+use crate::Error;
+use crate::cold_start::{ColdStartConfig, cold_start};
+use crate::service::{StageService, run};
+
+/// The line printed on stdout once the stage is ready, followed by its address: the local
+/// platform's only signal that the cold start is over.
+pub const READY_MARKER: &str = "SHARDSEAL_READY";
+
+/// Command-line arguments of a function.
+#[derive(Debug, Clone, clap::Args)]
+pub struct FunctionArgs {
+    /// The key broker's address (https://HOST:PORT).
+    #[arg(long)]
+    pub broker: String,
+    /// The broker identity key to expect (hex); refuse any other broker.
+    #[arg(long)]
+    pub broker_key: Option<String>,
+    /// The PKI folder made by `shardseal up` (CA and TLS identities).
+    #[arg(long)]
+    pub pki: PathBuf,
+    /// The quoting agent's Unix socket.
+    #[arg(long)]
+    pub agent_socket: PathBuf,
+    /// The shard store folder.
+    #[arg(long)]
+    pub store: PathBuf,
+    /// The model to serve.
+    #[arg(long)]
+    pub model: String,
+    /// The stage to serve.
+    #[arg(long)]
+    pub stage: u32,
+    /// Where to listen.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub listen: String,
+}
+
+/// Runs a function until SIGTERM or Ctrl-C.
+pub fn main_with(args: FunctionArgs) -> Result<(), Error> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Error::Config(format!("runtime: {e}")))?;
+    runtime.block_on(serve(args))
+}
+
+async fn serve(args: FunctionArgs) -> Result<(), Error> {
+    let model = ModelId::new(args.model).map_err(|e| Error::Config(e.to_string()))?;
+    let config = ColdStartConfig {
+        broker_url: args.broker,
+        pki_dir: args.pki.clone(),
+        agent_socket: args.agent_socket,
+        store_dir: args.store,
+        broker_key: args.broker_key,
+        model,
+        stage: StageIndex(args.stage),
+    };
+    let stage = cold_start(&config).await?;
+    tracing::info!(
+        model = %stage.model, stage = stage.stage.0,
+        total_ms = stage.cold_start.total_ms, attest_ms = stage.cold_start.attest_ms,
+        fetch_decrypt_ms = stage.cold_start.fetch_decrypt_ms, load_ms = stage.cold_start.load_ms,
+        "cold start complete"
+    );
+    let pki = Pki::open(&args.pki).map_err(|e| Error::Config(e.to_string()))?;
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .map_err(|e| Error::Config(format!("listen {}: {e}", args.listen)))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| Error::Config(format!("listen: {e}")))?;
+    println!("{READY_MARKER} {addr}");
+    run(listener, &pki, StageService::new(stage), shutdown_signal()).await
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+    }
+}
