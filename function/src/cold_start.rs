@@ -101,12 +101,12 @@ pub async fn cold_start(config: &ColdStartConfig) -> Result<AttestedStage, Error
         .map_err(|s| Error::Broker(s.message().to_owned()))?
         .into_inner();
     let broker_id = hex::encode(&info.identity_key);
-    if let Some(pinned) = &config.broker_key {
-        if !pinned.eq_ignore_ascii_case(&broker_id) {
-            return Err(Error::Broker(
-                "the broker's identity key is not the pinned one".into(),
-            ));
-        }
+    if let Some(pinned) = &config.broker_key
+        && !pinned.eq_ignore_ascii_case(&broker_id)
+    {
+        return Err(Error::Broker(
+            "the broker's identity key is not the pinned one".into(),
+        ));
     }
 
     let ephemeral = RecipientPrivateKey::generate().map_err(Error::Keys)?;
@@ -145,7 +145,7 @@ pub async fn cold_start(config: &ColdStartConfig) -> Result<AttestedStage, Error
     let sealed = Sealed::try_from(sealed).map_err(Error::Keys)?;
     let context = KeyReleaseContext {
         broker_id,
-        nonce: nonce.clone(),
+        nonce,
         model: config.model.clone(),
         stage: config.stage,
     };

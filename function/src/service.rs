@@ -86,7 +86,6 @@ impl StageService {
         } else {
             let next = stage
                 .next_stage_key
-                .clone()
                 .ok_or_else(|| Error::Config("no next-stage key for a middle stage".into()))?;
             (next, Direction::TowardNextStage)
         };
