@@ -25,11 +25,15 @@
 //!   [`Signed<T>`], with [`SignedManifest`] for the [`ModelManifest`].
 //! - [`OwnerKeyStore`], and [`atomic_write`] / [`atomic_create`] for files that must never
 //!   be half-written.
+//! - [`broker`]: the key broker service ([`broker::KeyBroker`]) and the model owner's
+//!   client for it ([`broker::owner`]).
 //!
-//! Every failure is one [`Error`].
+//! Every failure is one [`Error`], except in [`broker`], whose service failures are one
+//! [`broker::BrokerError`] that maps to a gRPC status.
 #![forbid(unsafe_code)]
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod broker;
 mod error;
 mod keystore;
 mod manifest;
