@@ -103,6 +103,8 @@ pub(crate) fn run(args: QuotingAgentArgs) -> anyhow::Result<()> {
         let (listener, socket) = bind_agent_socket(&args.socket, args.socket_mode)
             .with_context(|| format!("cannot listen on {}", args.socket.display()))?;
         println!("listening on {}", socket.path().display());
+        // The supervisor of `shardseal up` waits for this line.
+        println!("SHARDSEAL_READY {}", socket.path().display());
         let shutdown = async move {
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => {}

@@ -2,3 +2,12 @@
 //! sealed activations from stage to stage, and drives the serverless platform. It is
 //! trusted for availability only and never holds a key.
 #![forbid(unsafe_code)]
+
+pub mod planner;
+pub mod platform;
+pub mod router;
+pub mod service;
+
+pub use planner::{
+    DType, Plan, PlanError, PlanOptions, StageCount, StagePlan, TensorInfo, plan, plan_file,
+};

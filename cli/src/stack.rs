@@ -1,0 +1,219 @@
+//! The embedded default's process tree and state folder, shared by `shardseal up` and
+//! `shardseal demo`.
+//!
+//! ```text
+//! STATE/
+//!   pki/            local CA and TLS identities (CA key never written)
+//!   agent/          platform.key (0600), platform.key.pub, agent.sock
+//!   broker/         the broker's sealed state, identity (broker.pub) and audit log
+//!   store/          the shard store: MODEL/vVERSION/stage-N.shard + manifest.json
+//!   owner/          a model owner's key store (demo only)
+//!   logs/           one stderr log per service and per function replica
+//!   trust.json      what a data owner pins: broker key, function measurements, CA
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use shardseal_attestation::Measurement;
+use shardseal_keys::VerifyingKey;
+use shardseal_proto::tls::Pki;
+use shardseal_sdk::Trust;
+
+use crate::supervisor::Supervisor;
+
+/// Paths inside a state folder.
+#[derive(Debug, Clone)]
+pub(crate) struct Layout {
+    root: PathBuf,
+}
+
+impl Layout {
+    pub(crate) fn new(root: &Path) -> Self {
+        Self {
+            root: root.to_path_buf(),
+        }
+    }
+    pub(crate) fn pki(&self) -> PathBuf {
+        self.root.join("pki")
+    }
+    pub(crate) fn agent_socket(&self) -> PathBuf {
+        self.root.join("agent").join("agent.sock")
+    }
+    pub(crate) fn platform_key(&self) -> PathBuf {
+        self.root.join("agent").join("platform.key")
+    }
+    pub(crate) fn broker(&self) -> PathBuf {
+        self.root.join("broker")
+    }
+    pub(crate) fn store(&self) -> PathBuf {
+        self.root.join("store")
+    }
+    pub(crate) fn owner(&self) -> PathBuf {
+        self.root.join("owner")
+    }
+    pub(crate) fn logs(&self) -> PathBuf {
+        self.root.join("logs")
+    }
+    pub(crate) fn trust_file(&self) -> PathBuf {
+        self.root.join("trust.json")
+    }
+}
+
+/// The running services of one state folder.
+pub(crate) struct Stack {
+    pub(crate) layout: Layout,
+    pub(crate) supervisor: Supervisor,
+    pub(crate) pki: Pki,
+    pub(crate) broker_url: String,
+    pub(crate) broker_key: VerifyingKey,
+    pub(crate) coordinator_url: Option<String>,
+}
+
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+impl Stack {
+    /// Creates what is missing in the state folder and starts the quoting agent and the
+    /// key broker, which trusts `owner_keys` for its owner API.
+    pub(crate) async fn start(state: &Path, owner_keys: &[VerifyingKey]) -> anyhow::Result<Self> {
+        let layout = Layout::new(state);
+        for dir in [layout.broker(), layout.store(), layout.logs()] {
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        let agent_dir = layout.root.join("agent");
+        std::fs::create_dir_all(&agent_dir)?;
+        std::fs::set_permissions(
+            &agent_dir,
+            std::os::unix::fs::PermissionsExt::from_mode(0o700),
+        )?;
+        let pki = Pki::open_or_create(&layout.pki()).context("creating the local PKI")?;
+        let mut supervisor = Supervisor::new(&layout.logs())?;
+
+        supervisor
+            .start(
+                "quoting-agent",
+                &[
+                    "quoting-agent".into(),
+                    "--socket".into(),
+                    layout.agent_socket().display().to_string(),
+                    "--key".into(),
+                    layout.platform_key().display().to_string(),
+                ],
+                START_TIMEOUT,
+            )
+            .await?;
+
+        let mut broker_args = vec![
+            "broker".to_owned(),
+            "--state".into(),
+            layout.broker().display().to_string(),
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--pki".into(),
+            layout.pki().display().to_string(),
+            "--platform-key".into(),
+            shardseal_attestation::public_key_path(&layout.platform_key())
+                .display()
+                .to_string(),
+        ];
+        for key in owner_keys {
+            broker_args.extend(["--owner-key".to_owned(), key.to_hex()]);
+        }
+        let broker = supervisor
+            .start("broker", &broker_args, START_TIMEOUT)
+            .await?;
+        let broker_url = format!("https://{}", broker.ready);
+        let broker_pub = layout.broker().join("broker.pub");
+        let broker_key = read_verifying_key(&broker_pub)?;
+        Ok(Self {
+            layout,
+            supervisor,
+            pki,
+            broker_url,
+            broker_key,
+            coordinator_url: None,
+        })
+    }
+
+    /// Starts the coordinator, serving `deployments` (model id, stage count).
+    pub(crate) async fn start_coordinator(
+        &mut self,
+        listen: &str,
+        deployments: &[(String, u32)],
+        replicas: usize,
+    ) -> anyhow::Result<String> {
+        let l = &self.layout;
+        let mut args = vec![
+            "coordinator".to_owned(),
+            "--listen".into(),
+            listen.into(),
+            "--broker".into(),
+            self.broker_url.clone(),
+            "--broker-key".into(),
+            self.broker_key.to_hex(),
+            "--pki".into(),
+            l.pki().display().to_string(),
+            "--store".into(),
+            l.store().display().to_string(),
+            "--agent-socket".into(),
+            l.agent_socket().display().to_string(),
+            "--log-dir".into(),
+            l.logs().display().to_string(),
+            "--replicas".into(),
+            replicas.to_string(),
+        ];
+        for (model, stages) in deployments {
+            args.extend(["--deploy".to_owned(), format!("{model}={stages}")]);
+        }
+        // Deploying cold-starts every stage: give it time.
+        let coordinator = self
+            .supervisor
+            .start("coordinator", &args, Duration::from_secs(300))
+            .await?;
+        let url = format!("https://{}", coordinator.ready);
+        self.coordinator_url = Some(url.clone());
+        Ok(url)
+    }
+
+    /// The measurement of the function executable the local platform runs (this one).
+    pub(crate) fn function_measurement(&self) -> anyhow::Result<Measurement> {
+        measure_file(self.supervisor.exe())
+    }
+
+    /// What a data owner of this deployment pins, written to `trust.json` too.
+    pub(crate) fn write_trust(&self) -> anyhow::Result<Trust> {
+        let trust = Trust {
+            broker_key: self.broker_key,
+            measurements: [self.function_measurement()?].into_iter().collect(),
+            ca_pem: std::fs::read_to_string(self.layout.pki().join("ca.pem"))
+                .context("reading the CA certificate")?,
+        };
+        let json = serde_json::to_vec_pretty(&trust)?;
+        shardseal_keys::atomic_write(&self.layout.trust_file(), &json, 0o644)
+            .context("writing trust.json")?;
+        Ok(trust)
+    }
+
+    /// Stops every service.
+    pub(crate) async fn stop(&mut self) {
+        self.supervisor.stop(Duration::from_secs(10)).await;
+    }
+}
+
+/// SHA-256 of a file, as the quoting agent measures an executable.
+pub(crate) fn measure_file(path: &Path) -> anyhow::Result<Measurement> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let digest = ring::digest::digest(&ring::digest::SHA256, &bytes);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(digest.as_ref());
+    Ok(Measurement(out))
+}
+
+fn read_verifying_key(path: &Path) -> anyhow::Result<VerifyingKey> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    text.trim()
+        .parse::<VerifyingKey>()
+        .with_context(|| format!("{} is not a public key", path.display()))
+}

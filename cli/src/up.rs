@@ -1,0 +1,111 @@
+//! `shardseal up`: the embedded default, every service of ShardSeal on this machine.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use shardseal_keys::{OwnerKeyStore, VerifyingKey};
+
+use crate::shutdown_signal;
+use crate::stack::{Layout, Stack};
+
+/// Start the quoting agent, key broker and coordinator as separate processes under one
+/// supervisor; Ctrl-C stops them all.
+#[derive(Debug, clap::Args)]
+#[command(
+    after_help = "Example:\n  shardseal up --state state --deploy resnet=2\n\nThen, as a data owner:\n  shardseal infer --state state --model resnet --input x.npy --output y.npy"
+)]
+pub(crate) struct UpArgs {
+    /// The state folder (created if missing; see the layout in the docs).
+    #[arg(long, default_value = "shardseal-state")]
+    state: PathBuf,
+    /// Where the coordinator listens for clients.
+    #[arg(long, default_value = "127.0.0.1:7443")]
+    listen: String,
+    /// A registered model to serve and its stage count, as MODEL=STAGES (repeatable).
+    #[arg(long = "deploy", value_name = "MODEL=STAGES")]
+    deployments: Vec<String>,
+    /// Owner public keys (hex) the broker accepts registrations from (repeatable). The
+    /// key store in STATE/owner, if any, is always accepted.
+    #[arg(long = "owner-key", value_name = "HEX")]
+    owner_keys: Vec<String>,
+    /// Replicas started per stage.
+    #[arg(long, default_value_t = 1)]
+    replicas: usize,
+}
+
+pub(crate) fn run(args: UpArgs) -> anyhow::Result<()> {
+    tokio::runtime::Runtime::new()?.block_on(up(args))
+}
+
+async fn up(args: UpArgs) -> anyhow::Result<()> {
+    let layout = Layout::new(&args.state);
+    let mut owners = args
+        .owner_keys
+        .iter()
+        .map(|k| {
+            k.parse::<VerifyingKey>()
+                .with_context(|| format!("--owner-key {k}"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    if layout.owner().exists() {
+        owners.push(OwnerKeyStore::open(&layout.owner())?.verifying_key());
+    }
+    let mut deployments = Vec::new();
+    for d in &args.deployments {
+        let (model, stages) = d
+            .split_once('=')
+            .with_context(|| format!("--deploy {d:?}: expected MODEL=STAGES"))?;
+        deployments.push((
+            model.to_owned(),
+            stages.parse().with_context(|| format!("--deploy {d:?}"))?,
+        ));
+    }
+    std::fs::create_dir_all(&args.state)?;
+    let mut stack = Stack::start(&args.state, &owners).await?;
+    let started = async {
+        let url = stack
+            .start_coordinator(&args.listen, &deployments, args.replicas)
+            .await?;
+        stack.write_trust()?;
+        shardseal_keys::atomic_write(&args.state.join("coordinator.url"), url.as_bytes(), 0o644)?;
+        shardseal_keys::atomic_write(
+            &args.state.join("broker.url"),
+            stack.broker_url.as_bytes(),
+            0o644,
+        )?;
+        Ok::<_, anyhow::Error>(url)
+    }
+    .await;
+    let url = match started {
+        Ok(url) => url,
+        Err(e) => {
+            stack.stop().await;
+            return Err(e);
+        }
+    };
+    println!("ShardSeal is up.");
+    println!("  coordinator  {url}");
+    println!("  key broker   {}", stack.broker_url);
+    println!("  trust file   {}", layout.trust_file().display());
+    println!("  logs         {}", layout.logs().display());
+    println!("Ctrl-C stops everything.");
+    // For scripts and tests that start `shardseal up` and wait for it.
+    println!("SHARDSEAL_READY {url}");
+
+    let watch = async {
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            if let Err(e) = stack.supervisor.check() {
+                return e;
+            }
+        }
+    };
+    let outcome = tokio::select! {
+        _ = shutdown_signal() => Ok(()),
+        e = watch => Err(e),
+    };
+    println!("stopping");
+    stack.stop().await;
+    outcome
+}

@@ -1,0 +1,191 @@
+//! The embedded default platform: each replica is a child process on this machine.
+//!
+//! A replica is started with the configured function command plus its stage arguments.
+//! It attests, fetches and opens its shard, then prints one line on its standard output,
+//! `SHARDSEAL_READY <addr>`; that line is the platform's only signal that the cold start
+//! is over. Its standard error goes to a log file of its own, so a refused attestation
+//! can be read afterwards. Nothing a function prints can contain a key: the function
+//! logs names, sizes and timings only.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+use super::{Platform, PlatformError, Replica, StageRef};
+
+/// The line a function prints once it is ready, followed by its listening address.
+pub const READY_MARKER: &str = "SHARDSEAL_READY";
+
+/// How to start functions on this machine.
+#[derive(Debug, Clone)]
+pub struct LocalPlatformConfig {
+    /// The program and its leading arguments (e.g. `[shardseal, function]`).
+    pub command: Vec<String>,
+    /// Arguments every function gets (broker address, PKI, shard store, agent socket).
+    pub common_args: Vec<String>,
+    /// Folder for one stderr log per replica.
+    pub log_dir: PathBuf,
+    /// How long a cold start may take before the replica is killed.
+    pub start_timeout: Duration,
+}
+
+/// Functions as child processes.
+pub struct LocalPlatform {
+    config: LocalPlatformConfig,
+    next_id: AtomicU64,
+    children: Mutex<HashMap<u64, Child>>,
+}
+
+impl LocalPlatform {
+    /// A platform that starts functions with `config`.
+    pub fn new(config: LocalPlatformConfig) -> Self {
+        Self {
+            config,
+            next_id: AtomicU64::new(1),
+            children: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The process id of a replica, while it runs (for tests that kill one).
+    pub fn pid(&self, replica: &Replica) -> Option<u32> {
+        self.children
+            .lock()
+            .ok()?
+            .get(&replica.id)
+            .and_then(Child::id)
+    }
+
+    /// The stderr log of a replica.
+    pub fn log_path(&self, replica_id: u64) -> PathBuf {
+        self.config
+            .log_dir
+            .join(format!("function-{replica_id}.log"))
+    }
+
+    fn spawn_error(stage: &StageRef, reason: impl Into<String>) -> PlatformError {
+        PlatformError::Spawn {
+            stage: stage.clone(),
+            reason: reason.into(),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Platform for LocalPlatform {
+    async fn start_replica(&self, stage: &StageRef) -> Result<Replica, PlatformError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (program, leading) = self
+            .config
+            .command
+            .split_first()
+            .ok_or_else(|| Self::spawn_error(stage, "no function command configured"))?;
+        std::fs::create_dir_all(&self.config.log_dir)
+            .map_err(|e| Self::spawn_error(stage, format!("log folder: {e}")))?;
+        let log_path = self.log_path(id);
+        let log = std::fs::File::create(&log_path)
+            .map_err(|e| Self::spawn_error(stage, format!("{}: {e}", log_path.display())))?;
+
+        let mut child = Command::new(program)
+            .args(leading)
+            .args(&self.config.common_args)
+            .arg("--model")
+            .arg(stage.model.as_str())
+            .arg("--stage")
+            .arg(stage.stage.0.to_string())
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .env("SHARDSEAL_EXIT_WITH_PARENT", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log))
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| Self::spawn_error(stage, format!("{program}: {e}")))?;
+
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| Self::spawn_error(stage, "no stdout pipe"))?;
+        let mut lines = BufReader::new(stdout).lines();
+        let wait_ready = async {
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Some(addr) = line.strip_prefix(READY_MARKER) {
+                    return addr.trim().parse::<SocketAddr>().ok();
+                }
+            }
+            None
+        };
+        let addr = match tokio::time::timeout(self.config.start_timeout, wait_ready).await {
+            Ok(Some(addr)) => addr,
+            Ok(None) => {
+                let status = child
+                    .wait()
+                    .await
+                    .map(|s| s.to_string())
+                    .unwrap_or_default();
+                let last = last_log_line(&log_path);
+                return Err(PlatformError::ColdStartFailed {
+                    stage: stage.clone(),
+                    reason: format!("{status}: {last}"),
+                });
+            }
+            Err(_) => {
+                let _ = child.kill().await;
+                return Err(PlatformError::StartTimeout {
+                    stage: stage.clone(),
+                    seconds: self.config.start_timeout.as_secs(),
+                });
+            }
+        };
+        // Keep draining stdout so a chatty function never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        if let Ok(mut children) = self.children.lock() {
+            children.insert(id, child);
+        }
+        Ok(Replica {
+            id,
+            stage: stage.clone(),
+            addr,
+        })
+    }
+
+    async fn stop_replica(&self, replica: &Replica) {
+        let child = self
+            .children
+            .lock()
+            .ok()
+            .and_then(|mut c| c.remove(&replica.id));
+        if let Some(mut child) = child {
+            let _ = child.kill().await;
+        }
+    }
+
+    async fn shutdown(&self) {
+        let children: Vec<Child> = match self.children.lock() {
+            Ok(mut c) => c.drain().map(|(_, child)| child).collect(),
+            Err(_) => return,
+        };
+        for mut child in children {
+            let _ = child.kill().await;
+        }
+    }
+}
+
+fn last_log_line(path: &std::path::Path) -> String {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .rev()
+                .find(|l| !l.trim().is_empty())
+                .map(str::to_owned)
+        })
+        .unwrap_or_else(|| "no output".to_owned())
+}

@@ -1,0 +1,162 @@
+//! The coordinator's gRPC front door for data owners.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use shardseal_attestation::ModelId;
+use shardseal_keys::{PipelineManifest, VerifyingKey, from_blob};
+use shardseal_proto::tls::{Pki, Role};
+use shardseal_proto::v1::coordinator_server::{Coordinator, CoordinatorServer};
+use shardseal_proto::v1::key_broker_client::KeyBrokerClient;
+use shardseal_proto::v1::{
+    GetPipelineRequest, InferRequest, InferResponse, PipelineManifestRequest, SignedBlob,
+};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::{Channel, Server};
+use tonic::{Request, Response, Status};
+
+use crate::router::{Catalog, MAX_MESSAGE_BYTES, Router};
+
+/// The broker as the catalog of servable models: a model's stage count comes from its
+/// broker-signed pipeline manifest (public data; the coordinator checks the signature
+/// against the broker key it was given, so a spoofed broker cannot make it deploy).
+pub struct BrokerCatalog {
+    broker: KeyBrokerClient<Channel>,
+    broker_key: Option<VerifyingKey>,
+}
+
+impl BrokerCatalog {
+    /// A catalog over `broker`, trusting manifests signed by `broker_key` (when given).
+    pub fn new(broker: KeyBrokerClient<Channel>, broker_key: Option<VerifyingKey>) -> Self {
+        Self { broker, broker_key }
+    }
+}
+
+#[tonic::async_trait]
+impl Catalog for BrokerCatalog {
+    async fn stage_count(&self, model: &ModelId) -> Result<u32, Status> {
+        let blob = self
+            .broker
+            .clone()
+            .get_pipeline_manifest(PipelineManifestRequest {
+                model_id: model.to_string(),
+            })
+            .await?
+            .into_inner();
+        let signed = from_blob::<PipelineManifest>(&blob)
+            .map_err(|_| Status::unavailable("the broker sent a malformed manifest"))?;
+        let key = self.broker_key.unwrap_or_else(|| signed.signer());
+        let manifest = signed
+            .verify(&key)
+            .map_err(|_| Status::unavailable("the broker's manifest does not verify"))?;
+        Ok(manifest.stage_count)
+    }
+}
+
+/// The `Coordinator` service: relays the broker's pipeline manifests and routes sealed
+/// requests.
+pub struct CoordinatorService {
+    router: Arc<Router>,
+    broker: KeyBrokerClient<Channel>,
+}
+
+impl CoordinatorService {
+    /// A service over `router` that fetches pipeline manifests from `broker`.
+    pub fn new(router: Arc<Router>, broker: KeyBrokerClient<Channel>) -> Self {
+        Self { router, broker }
+    }
+}
+
+#[tonic::async_trait]
+impl Coordinator for CoordinatorService {
+    #[tracing::instrument(skip_all, fields(model = %request.get_ref().model_id))]
+    async fn get_pipeline(
+        &self,
+        request: Request<GetPipelineRequest>,
+    ) -> Result<Response<SignedBlob>, Status> {
+        // Relayed unchanged: the client checks the broker's signature, so a coordinator
+        // that altered it would only make the client refuse.
+        let model_id = request.into_inner().model_id;
+        self.broker
+            .clone()
+            .get_pipeline_manifest(PipelineManifestRequest { model_id })
+            .await
+    }
+
+    #[tracing::instrument(skip_all, fields(model, request_id))]
+    async fn infer(
+        &self,
+        request: Request<InferRequest>,
+    ) -> Result<Response<InferResponse>, Status> {
+        let deadline = grpc_timeout(request.metadata());
+        let InferRequest { header, input } = request.into_inner();
+        let header = header.ok_or_else(|| Status::invalid_argument("missing request header"))?;
+        let input = input.ok_or_else(|| Status::invalid_argument("missing sealed input"))?;
+        tracing::Span::current()
+            .record("model", header.model_id.as_str())
+            .record("request_id", hex::encode(&header.request_id));
+        let routed = self.router.route(header, input, deadline).await?;
+        Ok(Response::new(InferResponse {
+            output: Some(routed.output),
+            timings: routed.timings,
+        }))
+    }
+}
+
+/// Serves the coordinator on `listener` over TLS until `shutdown` resolves.
+pub async fn run(
+    listener: TcpListener,
+    pki: &Pki,
+    service: CoordinatorService,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), Status> {
+    let tls = pki
+        .server_config(Role::Coordinator)
+        .map_err(|e| Status::internal(e.to_string()))?;
+    Server::builder()
+        .tls_config(tls)
+        .map_err(|e| Status::internal(e.to_string()))?
+        .add_service(
+            CoordinatorServer::new(service)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await
+        .map_err(|e| Status::internal(e.to_string()))
+}
+
+/// The client's deadline, from the standard `grpc-timeout` header.
+fn grpc_timeout(metadata: &tonic::metadata::MetadataMap) -> Option<Duration> {
+    let value = metadata.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_grpc_timeouts() {
+        let mut m = tonic::metadata::MetadataMap::new();
+        assert_eq!(grpc_timeout(&m), None);
+        m.insert("grpc-timeout", "1500m".parse().unwrap());
+        assert_eq!(grpc_timeout(&m), Some(Duration::from_millis(1500)));
+        m.insert("grpc-timeout", "2S".parse().unwrap());
+        assert_eq!(grpc_timeout(&m), Some(Duration::from_secs(2)));
+        m.insert("grpc-timeout", "x".parse().unwrap());
+        assert_eq!(grpc_timeout(&m), None);
+    }
+}

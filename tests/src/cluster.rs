@@ -1,0 +1,261 @@
+//! A whole ShardSeal deployment for end-to-end tests, in a few lines:
+//!
+//! ```no_run
+//! # async fn t() {
+//! use shardseal_testkit::cluster::Cluster;
+//! let cluster = Cluster::start().await;
+//! let model = shardseal_testkit::models::mlp(&Default::default());
+//! cluster.provision_and_register("mlp", &model, 2).await;
+//! let client = cluster.client().await;
+//! # }
+//! ```
+//!
+//! Everything is real: `shardseal up` runs the quoting agent, the key broker and the
+//! coordinator as separate processes over TLS on loopback ports; functions are child
+//! processes of the coordinator that attest before they get keys. Provisioning runs the
+//! `shardseal keys provision` command; registration uses the owner client library.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use shardseal_keys::OwnerKeyStore;
+use shardseal_keys::broker::OwnerReleasePolicy;
+use shardseal_proto::tls::Pki;
+use shardseal_sdk::{Client, Trust};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+/// The `shardseal` executable built beside the test binaries (`cargo test --workspace`
+/// builds it: the CLI package is part of the workspace).
+pub fn shardseal_exe() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test>  →  target/<profile>/shardseal
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test executable in target/<profile>/deps");
+    let path = dir.join("shardseal");
+    assert!(
+        path.exists(),
+        "{} not found: build it with `cargo build -p shardseal` (cargo test --workspace does)",
+        path.display()
+    );
+    path
+}
+
+/// A running deployment in a temporary state folder; stopped on drop.
+pub struct Cluster {
+    state: tempfile::TempDir,
+    up: Child,
+    /// The coordinator's address.
+    pub coordinator_url: String,
+    /// The key broker's address.
+    pub broker_url: String,
+    /// What a data owner of this deployment pins.
+    pub trust: Trust,
+    /// The model owner of `STATE/owner`.
+    pub owner: OwnerKeyStore,
+}
+
+impl Cluster {
+    /// Starts a deployment whose broker trusts one model owner (`STATE/owner`).
+    pub async fn start() -> Self {
+        Self::start_with(&[]).await
+    }
+
+    /// Starts a deployment with extra `shardseal up` arguments.
+    pub async fn start_with(extra_args: &[String]) -> Self {
+        let state = tempfile::Builder::new()
+            .prefix("shardseal-e2e-")
+            .tempdir()
+            .expect("temp dir");
+        let owner = OwnerKeyStore::init(&state.path().join("owner")).expect("owner key store");
+        let mut up = Command::new(shardseal_exe())
+            .arg("up")
+            .arg("--state")
+            .arg(state.path())
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .args(extra_args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn shardseal up");
+        let mut lines = BufReader::new(up.stdout.take().expect("stdout")).lines();
+        let ready = tokio::time::timeout(Duration::from_secs(120), async {
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Some(url) = line.strip_prefix("SHARDSEAL_READY ") {
+                    return Some(url.trim().to_owned());
+                }
+            }
+            None
+        })
+        .await;
+        let coordinator_url = match ready {
+            Ok(Some(url)) => url,
+            other => {
+                let _ = up.kill().await;
+                let mut err = String::new();
+                if let Some(mut e) = up.stderr.take() {
+                    let _ = tokio::io::AsyncReadExt::read_to_string(&mut e, &mut err).await;
+                }
+                panic!("shardseal up did not start ({other:?}): {err}");
+            }
+        };
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        let trust = Trust::from_file(&state.path().join("trust.json")).expect("trust.json");
+        let broker_url = broker_url_from_log(state.path());
+        Self {
+            state,
+            up,
+            coordinator_url,
+            broker_url,
+            trust,
+            owner,
+        }
+    }
+
+    /// The state folder.
+    pub fn state(&self) -> &Path {
+        self.state.path()
+    }
+
+    /// The local PKI.
+    pub fn pki(&self) -> Pki {
+        Pki::open(&self.state.path().join("pki")).expect("pki")
+    }
+
+    /// Provisions `model` (ONNX bytes) as `model_id` v1 in `stages` stages with the
+    /// `shardseal keys provision` command, then registers it with the broker, allowing the
+    /// function executable the local platform runs.
+    pub async fn provision_and_register(&self, model_id: &str, model: &[u8], stages: u32) {
+        self.provision_and_register_as(
+            &self.owner,
+            &self.state.path().join("owner"),
+            model_id,
+            model,
+            stages,
+        )
+        .await;
+    }
+
+    /// As [`Cluster::provision_and_register`], for another owner's key store.
+    pub async fn provision_and_register_as(
+        &self,
+        owner: &OwnerKeyStore,
+        owner_dir: &Path,
+        model_id: &str,
+        model: &[u8],
+        stages: u32,
+    ) {
+        let model_path = self.state.path().join(format!("{model_id}.onnx"));
+        std::fs::write(&model_path, model).expect("write model");
+        let out = self.state.path().join("store").join(model_id).join("v1");
+        let status = Command::new(shardseal_exe())
+            .args(["keys", "provision", "--model"])
+            .arg(&model_path)
+            .args([
+                "--model-id",
+                model_id,
+                "--stages",
+                &stages.to_string(),
+                "--keystore",
+            ])
+            .arg(owner_dir)
+            .arg("--out")
+            .arg(&out)
+            .stdout(Stdio::null())
+            .status()
+            .await
+            .expect("run keys provision");
+        assert!(status.success(), "keys provision failed for {model_id}");
+        let manifest = std::fs::read(out.join("manifest.json")).expect("manifest");
+        let measurement = self
+            .trust
+            .measurements
+            .iter()
+            .next()
+            .copied()
+            .expect("a trusted measurement");
+        let policy = OwnerReleasePolicy::same_for_all_stages(stages, &[measurement]);
+        shardseal_keys::broker::owner::register(
+            &self.broker_url,
+            &self.pki(),
+            owner,
+            &manifest,
+            &policy,
+        )
+        .await
+        .expect("register the model with the broker");
+    }
+
+    /// A client that trusts this deployment.
+    pub async fn client(&self) -> Client {
+        Client::connect(&self.coordinator_url, self.trust.clone())
+            .await
+            .expect("connect to the coordinator")
+    }
+
+    /// Every file under the state folder, recursively (for plaintext canary scans).
+    pub fn files(&self) -> Vec<PathBuf> {
+        fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+            if let Ok(entries) = std::fs::read_dir(dir) {
+                for e in entries.flatten() {
+                    let p = e.path();
+                    if p.is_dir() {
+                        walk(&p, out);
+                    } else {
+                        out.push(p);
+                    }
+                }
+            }
+        }
+        let mut out = Vec::new();
+        walk(self.state.path(), &mut out);
+        out
+    }
+
+    /// Stops every process.
+    pub async fn stop(mut self) {
+        self.terminate().await;
+    }
+
+    async fn terminate(&mut self) {
+        if let Some(pid) = self.up.id() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+        if tokio::time::timeout(Duration::from_secs(20), self.up.wait())
+            .await
+            .is_err()
+        {
+            let _ = self.up.kill().await;
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        // SIGTERM lets `shardseal up` stop its services and their functions in order;
+        // SIGKILL would orphan them.
+        if let Some(pid) = self.up.id() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+    }
+}
+
+/// The broker's address, as `shardseal up` recorded it.
+fn broker_url_from_log(state: &Path) -> String {
+    let path = state.join("broker.url");
+    std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .trim()
+        .to_owned()
+}

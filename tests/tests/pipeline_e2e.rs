@@ -1,0 +1,283 @@
+//! The sealed pipeline end to end, with real processes over real sockets: `shardseal up`
+//! (quoting agent, key broker, coordinator, function processes), the owner's provisioning
+//! command and the client SDK.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use shardseal_function::StageEngine;
+use shardseal_keys::{
+    ActivationContext, Direction, RecipientPrivateKey, RequestId, seal_activation,
+};
+use shardseal_proto::tensor::{HostTensor, encode_bundle};
+use shardseal_proto::tls::Role;
+use shardseal_proto::v1::coordinator_client::CoordinatorClient;
+use shardseal_proto::v1::{InferRequest, RequestHeader};
+use shardseal_testkit::cluster::Cluster;
+use shardseal_testkit::models;
+use tonic::transport::Endpoint;
+
+/// Deterministic f32 inputs for every input the client's verified manifest declares.
+async fn inputs_for(client: &shardseal_sdk::Client, model: &str, seed: u64) -> Vec<HostTensor> {
+    let pipeline = client.pipeline(model).await.expect("verified pipeline");
+    let mut rng = models::Xorshift::new(seed);
+    pipeline
+        .inputs
+        .iter()
+        .map(|spec| {
+            let shape: Vec<usize> = spec.shape.iter().map(|&d| d as usize).collect();
+            let values: Vec<f32> = (0..shape.iter().product::<usize>())
+                .map(|_| rng.next_f32())
+                .collect();
+            HostTensor::from_f32(spec.name.clone(), shape, &values).expect("input tensor")
+        })
+        .collect()
+}
+
+fn max_abs_diff(expected: &[HostTensor], actual: &[HostTensor]) -> f64 {
+    assert_eq!(expected.len(), actual.len(), "output count");
+    let mut max = 0.0f64;
+    for e in expected {
+        let a = actual
+            .iter()
+            .find(|a| a.name() == e.name())
+            .unwrap_or_else(|| panic!("missing output {}", e.name()));
+        assert_eq!(a.shape(), e.shape(), "shape of {}", e.name());
+        for (x, y) in e.to_f64_lossy().iter().zip(a.to_f64_lossy()) {
+            max = max.max((x - y).abs());
+        }
+    }
+    max
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sealed_outputs_equal_plain_tract_for_three_models_and_one_to_four_stages() {
+    let cluster = Cluster::start().await;
+    let cases: Vec<(&str, Vec<u8>, u32)> = vec![
+        ("cnn-1", models::residual_cnn(&Default::default()), 1),
+        ("cnn-3", models::residual_cnn(&Default::default()), 3),
+        ("mlp-2", models::mlp(&Default::default()), 2),
+        ("mlp-4", models::mlp(&Default::default()), 4),
+        ("cross-2", models::multi_cross(), 2),
+        ("twoio-2", models::two_io(), 2),
+    ];
+    for (id, model, stages) in &cases {
+        cluster.provision_and_register(id, model, *stages).await;
+    }
+    let client = cluster.client().await;
+    for (id, model, stages) in &cases {
+        let reference = StageEngine::load(model).expect("plain tract");
+        for seed in 1..=2 {
+            let inputs = inputs_for(&client, id, seed).await;
+            let expected = reference.run(&inputs).expect("plain run");
+            let got = client.infer(id, inputs).await.expect("sealed inference");
+            let diff = max_abs_diff(&expected, &got.outputs);
+            println!("{id}: {stages} stage(s), seed {seed}: max abs diff {diff:e}");
+            assert!(diff <= 1e-5, "{id}: diff {diff}");
+            assert_eq!(got.timings.len(), *stages as usize, "one timing per stage");
+        }
+    }
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sixteen_concurrent_clients_get_correct_distinct_outputs() {
+    let cluster = Cluster::start().await;
+    let model = models::mlp(&Default::default());
+    cluster.provision_and_register("mlp", &model, 2).await;
+    let reference = Arc::new(StageEngine::load(&model).expect("plain tract"));
+    let client = Arc::new(cluster.client().await);
+    let mut tasks = Vec::new();
+    for seed in 0..16u64 {
+        let client = client.clone();
+        let reference = reference.clone();
+        tasks.push(tokio::spawn(async move {
+            let inputs = inputs_for(&client, "mlp", 100 + seed).await;
+            let expected = reference.run(&inputs).expect("plain run");
+            let got = client.infer("mlp", inputs).await.expect("sealed inference");
+            assert!(max_abs_diff(&expected, &got.outputs) <= 1e-5);
+            got.outputs[0].data().to_vec()
+        }));
+    }
+    let mut distinct = HashSet::new();
+    for t in tasks {
+        distinct.insert(t.await.expect("task"));
+    }
+    assert_eq!(distinct.len(), 16, "every client got its own output");
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tampered_and_replayed_activations_are_refused_and_the_function_keeps_serving() {
+    let cluster = Cluster::start().await;
+    let model = models::mlp(&Default::default());
+    cluster.provision_and_register("mlp", &model, 2).await;
+    let client = cluster.client().await;
+    let pipeline = client.pipeline("mlp").await.expect("pipeline");
+    let inputs = inputs_for(&client, "mlp", 7).await;
+
+    // A raw coordinator connection, as an attacker on the client side would have.
+    let tls = shardseal_proto::tls::client_config_from_ca(
+        cluster.trust.ca_pem.as_bytes(),
+        Role::Coordinator,
+    );
+    let channel = Endpoint::from_shared(cluster.coordinator_url.clone())
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut raw = CoordinatorClient::new(channel);
+    let response_key = RecipientPrivateKey::generate().unwrap();
+    let request_id = RequestId::random().unwrap();
+    let context = ActivationContext {
+        deployment: pipeline.deployment.clone(),
+        request_id,
+        hop: 0,
+        direction: Direction::TowardNextStage,
+    };
+    let sealed = seal_activation(
+        &pipeline.stage0_public_key,
+        &context,
+        &encode_bundle(&inputs),
+    )
+    .unwrap();
+    let header = |id: RequestId| RequestHeader {
+        model_id: "mlp".into(),
+        version: pipeline.version.0,
+        request_id: id.as_bytes().to_vec(),
+        response_key: response_key.public_key().as_bytes().to_vec(),
+    };
+
+    // Genuine: accepted.
+    let ok = raw
+        .infer(InferRequest {
+            header: Some(header(request_id)),
+            input: Some(sealed.clone().into()),
+        })
+        .await;
+    assert!(ok.is_ok(), "genuine request refused: {ok:?}");
+
+    // Tampered: one bit of the ciphertext flipped.
+    let mut tampered = sealed.clone();
+    let last = tampered.ciphertext.len() - 1;
+    tampered.ciphertext[last] ^= 1;
+    let status = raw
+        .infer(InferRequest {
+            header: Some(header(request_id)),
+            input: Some(tampered.into()),
+        })
+        .await
+        .expect_err("tampered activation accepted");
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+
+    // Replayed into another request: same ciphertext, another request id.
+    let status = raw
+        .infer(InferRequest {
+            header: Some(header(RequestId::random().unwrap())),
+            input: Some(sealed.clone().into()),
+        })
+        .await
+        .expect_err("replayed activation accepted");
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+
+    // Spliced into another hop: addressed to stage 1 instead of stage 0.
+    let to_stage1 = ActivationContext {
+        hop: 1,
+        ..context.clone()
+    };
+    let spliced = seal_activation(
+        &pipeline.stage0_public_key,
+        &to_stage1,
+        &encode_bundle(&inputs),
+    )
+    .unwrap();
+    let status = raw
+        .infer(InferRequest {
+            header: Some(header(request_id)),
+            input: Some(spliced.into()),
+        })
+        .await
+        .expect_err("activation for another hop accepted");
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+
+    // The function kept serving.
+    let again = client.infer("mlp", inputs).await;
+    assert!(again.is_ok(), "the pipeline stopped serving: {again:?}");
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nothing_outside_the_functions_sees_plaintext() {
+    // Weights and inputs full of a recognisable pattern.
+    const WEIGHT: f32 = 1234.5677;
+    const INPUT: f32 = -7654.3213;
+    let cluster = Cluster::start().await;
+    let model =
+        shardseal_testkit::canary::fill_f32_initializers(&models::mlp(&Default::default()), WEIGHT);
+    cluster.provision_and_register("canary", &model, 2).await;
+    let client = cluster.client().await;
+    let pipeline = client.pipeline("canary").await.unwrap();
+    let spec = &pipeline.inputs[0];
+    let shape: Vec<usize> = spec.shape.iter().map(|&d| d as usize).collect();
+    let n: usize = shape.iter().product();
+    let input = HostTensor::from_f32(spec.name.clone(), shape, &vec![INPUT; n]).unwrap();
+    for _ in 0..3 {
+        client
+            .infer("canary", vec![input.clone()])
+            .await
+            .expect("sealed inference");
+    }
+    let weight_pattern: Vec<u8> = std::iter::repeat_n(WEIGHT.to_le_bytes(), 4)
+        .flatten()
+        .collect();
+    let input_pattern: Vec<u8> = std::iter::repeat_n(INPUT.to_le_bytes(), 4)
+        .flatten()
+        .collect();
+
+    // The coordinator's memory.
+    let coordinator_pid =
+        std::fs::read_to_string(cluster.state().join("logs").join("coordinator.pid"))
+            .expect("coordinator pid file")
+            .trim()
+            .parse::<u32>()
+            .unwrap();
+    let memory = shardseal_testkit::canary::read_process_memory(coordinator_pid)
+        .expect("read coordinator memory");
+    assert!(
+        memory.len() > 1 << 20,
+        "read {} bytes of coordinator memory",
+        memory.len()
+    );
+    for (what, pattern) in [("weights", &weight_pattern), ("input", &input_pattern)] {
+        assert!(
+            !contains(&memory, pattern),
+            "the coordinator's memory holds plaintext {what}"
+        );
+    }
+    // Every file written: shard store, broker state, logs, PKI, trust file.
+    let mut scanned = 0;
+    for path in cluster.files() {
+        if path.extension().is_some_and(|e| e == "onnx") {
+            continue; // the owner's own plaintext model, written by this test
+        }
+        let Ok(bytes) = std::fs::read(&path) else {
+            continue;
+        };
+        scanned += 1;
+        for (what, pattern) in [("weights", &weight_pattern), ("input", &input_pattern)] {
+            assert!(
+                !contains(&bytes, pattern),
+                "{} holds plaintext {what}",
+                path.display()
+            );
+        }
+    }
+    assert!(scanned > 10, "scanned only {scanned} files");
+    cluster.stop().await;
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
