@@ -69,6 +69,8 @@ pub(crate) struct Stack {
     pub(crate) broker_url: String,
     pub(crate) broker_key: VerifyingKey,
     pub(crate) coordinator_url: Option<String>,
+    /// The measurement of the function executable (this one), hashed once.
+    function_measurement: Measurement,
 }
 
 const START_TIMEOUT: Duration = Duration::from_secs(60);
@@ -126,6 +128,7 @@ impl Stack {
         let broker_url = format!("https://{}", broker.ready);
         let broker_pub = layout.broker().join("broker.pub");
         let broker_key = read_verifying_key(&broker_pub)?;
+        let function_measurement = measure_file(supervisor.exe())?;
         Ok(Self {
             layout,
             supervisor,
@@ -133,6 +136,7 @@ impl Stack {
             broker_url,
             broker_key,
             coordinator_url: None,
+            function_measurement,
         })
     }
 
@@ -177,15 +181,15 @@ impl Stack {
     }
 
     /// The measurement of the function executable the local platform runs (this one).
-    pub(crate) fn function_measurement(&self) -> anyhow::Result<Measurement> {
-        measure_file(self.supervisor.exe())
+    pub(crate) fn function_measurement(&self) -> Measurement {
+        self.function_measurement
     }
 
     /// What a data owner of this deployment pins, written to `trust.json` too.
     pub(crate) fn write_trust(&self) -> anyhow::Result<Trust> {
         let trust = Trust {
             broker_key: self.broker_key,
-            measurements: [self.function_measurement()?].into_iter().collect(),
+            measurements: [self.function_measurement].into_iter().collect(),
             ca_pem: std::fs::read_to_string(self.layout.pki().join("ca.pem"))
                 .context("reading the CA certificate")?,
         };
@@ -201,12 +205,25 @@ impl Stack {
     }
 }
 
-/// SHA-256 of a file, as the quoting agent measures an executable.
-pub(crate) fn measure_file(path: &Path) -> anyhow::Result<Measurement> {
-    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    let digest = ring::digest::digest(&ring::digest::SHA256, &bytes);
+/// SHA-256 of a file, as the quoting agent measures an executable: streamed, since a debug
+/// build of this executable is hundreds of megabytes.
+fn measure_file(path: &Path) -> anyhow::Result<Measurement> {
+    use std::io::Read;
+    let mut file =
+        std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut buffer = vec![0u8; 1 << 20];
+    loop {
+        let n = file
+            .read(&mut buffer)
+            .with_context(|| format!("reading {}", path.display()))?;
+        if n == 0 {
+            break;
+        }
+        digest.update(&buffer[..n]);
+    }
     let mut out = [0u8; 32];
-    out.copy_from_slice(digest.as_ref());
+    out.copy_from_slice(digest.finish().as_ref());
     Ok(Measurement(out))
 }
 
