@@ -33,6 +33,9 @@
 #![forbid(unsafe_code)]
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
+#[macro_use]
+mod public_key;
+
 pub mod broker;
 mod error;
 mod keystore;

@@ -72,7 +72,6 @@ use hpke::kem::X25519HkdfSha256;
 use hpke::{Deserializable, Kem as _, OpModeR, OpModeS, Serializable};
 use ring::aead::{Aad, NONCE_LEN, Nonce};
 use ring::rand::{SecureRandom, SystemRandom};
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use shardseal_attestation::{ModelId, Nonce as BrokerNonce, StageIndex};
 use zeroize::{Zeroize, Zeroizing};
 
@@ -205,40 +204,7 @@ impl RecipientPublicKey {
     }
 }
 
-impl FromStr for RecipientPublicKey {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self, Error> {
-        let mut out = [0u8; PUBLIC_KEY_LEN];
-        hex::decode_to_slice(s.trim(), &mut out)
-            .map_err(|_| Error::InvalidEncoding("X25519 public key"))?;
-        Ok(Self(out))
-    }
-}
-
-impl fmt::Display for RecipientPublicKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.to_hex())
-    }
-}
-
-impl fmt::Debug for RecipientPublicKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "RecipientPublicKey({})", self.to_hex())
-    }
-}
-
-impl Serialize for RecipientPublicKey {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&self.to_hex())
-    }
-}
-
-impl<'de> Deserialize<'de> for RecipientPublicKey {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(d)?;
-        text.parse().map_err(serde::de::Error::custom)
-    }
-}
+hex_public_key!(RecipientPublicKey, "X25519 public key");
 
 /// A sealed envelope: the HPKE encapsulated key and the AEAD ciphertext with its tag. It is
 /// `shardseal.v1.Sealed` on the wire.

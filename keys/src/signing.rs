@@ -9,13 +9,12 @@
 
 use std::fmt;
 use std::marker::PhantomData;
-use std::str::FromStr;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use ring::signature::{ED25519, Ed25519KeyPair, KeyPair as _, UnparsedPublicKey};
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
 use zeroize::Zeroize;
 
@@ -162,41 +161,7 @@ impl VerifyingKey {
     }
 }
 
-impl FromStr for VerifyingKey {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self, Error> {
-        let mut out = [0u8; VERIFYING_KEY_LEN];
-        hex::decode_to_slice(s.trim(), &mut out)
-            .map_err(|_| Error::InvalidEncoding("Ed25519 public key"))?;
-        Ok(Self(out))
-    }
-}
-
-impl fmt::Display for VerifyingKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.to_hex())
-    }
-}
-
-impl fmt::Debug for VerifyingKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "VerifyingKey({})", self.to_hex())
-    }
-}
-
-impl Serialize for VerifyingKey {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&self.to_hex())
-    }
-}
-
-impl<'de> Deserialize<'de> for VerifyingKey {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        String::deserialize(d)?
-            .parse()
-            .map_err(serde::de::Error::custom)
-    }
-}
+hex_public_key!(VerifyingKey, "Ed25519 public key");
 
 /// An Ed25519 signature (64 bytes).
 #[derive(Clone, Copy, PartialEq, Eq)]
