@@ -3,7 +3,8 @@
 //! ```no_run
 //! # async fn t() {
 //! use shardseal_testkit::cluster::Cluster;
-//! let cluster = Cluster::start().await;
+//! // In an integration test of the `shardseal` package, which makes cargo build the binary:
+//! let cluster = Cluster::start(env!("CARGO_BIN_EXE_shardseal").as_ref()).await;
 //! let model = shardseal_testkit::models::mlp(&Default::default());
 //! cluster.provision_and_register("mlp", &model, 2).await;
 //! let client = cluster.client().await;
@@ -26,26 +27,9 @@ use shardseal_sdk::{Client, Trust};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
-/// The `shardseal` executable built beside the test binaries (`cargo test --workspace`
-/// builds it: the CLI package is part of the workspace).
-pub fn shardseal_exe() -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    // target/<profile>/deps/<test>  →  target/<profile>/shardseal
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("test executable in target/<profile>/deps");
-    let path = dir.join("shardseal");
-    assert!(
-        path.exists(),
-        "{} not found: build it with `cargo build -p shardseal` (cargo test --workspace does)",
-        path.display()
-    );
-    path
-}
-
 /// A running deployment in a temporary state folder; stopped on drop.
 pub struct Cluster {
+    exe: PathBuf,
     state: tempfile::TempDir,
     up: Child,
     /// The coordinator's address.
@@ -59,19 +43,20 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    /// Starts a deployment whose broker trusts one model owner (`STATE/owner`).
-    pub async fn start() -> Self {
-        Self::start_with(&[]).await
+    /// Starts a deployment of the `shardseal` executable `exe` whose broker trusts one
+    /// model owner (`STATE/owner`).
+    pub async fn start(exe: &Path) -> Self {
+        Self::start_with(exe, &[]).await
     }
 
     /// Starts a deployment with extra `shardseal up` arguments.
-    pub async fn start_with(extra_args: &[String]) -> Self {
+    pub async fn start_with(exe: &Path, extra_args: &[String]) -> Self {
         let state = tempfile::Builder::new()
             .prefix("shardseal-e2e-")
             .tempdir()
             .expect("temp dir");
         let owner = OwnerKeyStore::init(&state.path().join("owner")).expect("owner key store");
-        let mut up = Command::new(shardseal_exe())
+        let mut up = Command::new(exe)
             .arg("up")
             .arg("--state")
             .arg(state.path())
@@ -108,6 +93,7 @@ impl Cluster {
         let trust = Trust::from_file(&state.path().join("trust.json")).expect("trust.json");
         let broker_url = broker_url_from_log(state.path());
         Self {
+            exe: exe.to_owned(),
             state,
             up,
             coordinator_url,
@@ -153,7 +139,7 @@ impl Cluster {
         let model_path = self.state.path().join(format!("{model_id}.onnx"));
         std::fs::write(&model_path, model).expect("write model");
         let out = self.state.path().join("store").join(model_id).join("v1");
-        let status = Command::new(shardseal_exe())
+        let status = Command::new(&self.exe)
             .args(["keys", "provision", "--model"])
             .arg(&model_path)
             .args([

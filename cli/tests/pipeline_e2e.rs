@@ -3,6 +3,7 @@
 //! command and the client SDK.
 
 use std::collections::HashSet;
+use std::path::Path;
 use std::sync::Arc;
 
 use shardseal_function::StageEngine;
@@ -16,6 +17,11 @@ use shardseal_proto::v1::{InferRequest, RequestHeader};
 use shardseal_testkit::cluster::Cluster;
 use shardseal_testkit::models;
 use tonic::transport::Endpoint;
+
+/// The `shardseal` executable cargo built for these tests.
+fn shardseal() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_shardseal"))
+}
 
 /// Deterministic f32 inputs for every input the client's verified manifest declares.
 async fn inputs_for(client: &shardseal_sdk::Client, model: &str, seed: u64) -> Vec<HostTensor> {
@@ -52,7 +58,7 @@ fn max_abs_diff(expected: &[HostTensor], actual: &[HostTensor]) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sealed_outputs_equal_plain_tract_for_three_models_and_one_to_four_stages() {
-    let cluster = Cluster::start().await;
+    let cluster = Cluster::start(shardseal()).await;
     let cases: Vec<(&str, Vec<u8>, u32)> = vec![
         ("cnn-1", models::residual_cnn(&Default::default()), 1),
         ("cnn-3", models::residual_cnn(&Default::default()), 3),
@@ -82,7 +88,7 @@ async fn sealed_outputs_equal_plain_tract_for_three_models_and_one_to_four_stage
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sixteen_concurrent_clients_get_correct_distinct_outputs() {
-    let cluster = Cluster::start().await;
+    let cluster = Cluster::start(shardseal()).await;
     let model = models::mlp(&Default::default());
     cluster.provision_and_register("mlp", &model, 2).await;
     let reference = Arc::new(StageEngine::load(&model).expect("plain tract"));
@@ -109,7 +115,7 @@ async fn sixteen_concurrent_clients_get_correct_distinct_outputs() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn tampered_and_replayed_activations_are_refused_and_the_function_keeps_serving() {
-    let cluster = Cluster::start().await;
+    let cluster = Cluster::start(shardseal()).await;
     let model = models::mlp(&Default::default());
     cluster.provision_and_register("mlp", &model, 2).await;
     let client = cluster.client().await;
@@ -213,7 +219,7 @@ async fn nothing_outside_the_functions_sees_plaintext() {
     // Weights and inputs full of a recognisable pattern.
     const WEIGHT: f32 = 1234.5677;
     const INPUT: f32 = -7654.3213;
-    let cluster = Cluster::start().await;
+    let cluster = Cluster::start(shardseal()).await;
     let model =
         shardseal_testkit::canary::fill_f32_initializers(&models::mlp(&Default::default()), WEIGHT);
     cluster.provision_and_register("canary", &model, 2).await;
