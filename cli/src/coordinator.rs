@@ -1,11 +1,15 @@
 //! `shardseal coordinator`: the router and the local serverless platform.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use shardseal_attestation::ModelId;
+use shardseal_audit::{
+    AuditWriter, CheckpointSigner, Ed25519Signer, FsyncPolicy, PublicKey, SigningSeed,
+    WriterOptions,
+};
 use shardseal_coordinator::platform::local::{LocalPlatform, LocalPlatformConfig};
 use shardseal_coordinator::router::{Router, RouterConfig};
 use shardseal_coordinator::service::{BrokerCatalog, CoordinatorService, run};
@@ -13,6 +17,7 @@ use shardseal_keys::VerifyingKey;
 use shardseal_proto::tls::{Pki, Role};
 use shardseal_proto::v1::key_broker_client::KeyBrokerClient;
 use tonic::transport::Endpoint;
+use zeroize::Zeroizing;
 
 use crate::shutdown_signal;
 
@@ -56,6 +61,14 @@ pub(crate) struct CoordinatorArgs {
     /// `function` subcommand).
     #[arg(long, num_args = 1.., value_name = "PROGRAM [ARGS]")]
     function_command: Vec<String>,
+    /// Folder of the coordinator's audit log: one entry per request (id, model, stages,
+    /// sealed sizes, durations, outcome). Read it with `shardseal audit`.
+    #[arg(long, requires = "audit_key")]
+    audit_dir: Option<PathBuf>,
+    /// The audit log's Ed25519 signing seed (created, mode 0600, if missing; its public key
+    /// is written beside it as FILE.pub, for `shardseal audit verify --key`).
+    #[arg(long, requires = "audit_dir")]
+    audit_key: Option<PathBuf>,
 }
 
 pub(crate) fn run_command(args: CoordinatorArgs) -> anyhow::Result<()> {
@@ -135,12 +148,82 @@ async fn serve(args: CoordinatorArgs) -> anyhow::Result<()> {
         tracing::info!(%model, stages, "deployed");
     }
 
-    let service = CoordinatorService::new(router.clone(), broker);
+    let mut service = CoordinatorService::new(router.clone(), broker);
+    let audit = match (&args.audit_dir, &args.audit_key) {
+        (Some(dir), Some(key)) => {
+            let signer = load_or_create_signer(key)?;
+            let writer = AuditWriter::open(dir, signer, request_log_options())
+                .with_context(|| format!("opening the audit log in {}", dir.display()))?;
+            let writer = Arc::new(writer);
+            service = service.with_audit(writer.clone());
+            Some(writer)
+        }
+        _ => None,
+    };
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("listening on {}", args.listen))?;
     println!("SHARDSEAL_READY {}", listener.local_addr()?);
     let served = run(listener, &pki, service, shutdown_signal()).await;
     router.shutdown().await;
+    if let Some(audit) = audit {
+        // The service (and its clone of the writer) is gone once `run` returns.
+        match Arc::try_unwrap(audit) {
+            Ok(writer) => {
+                writer.close().context("closing the audit log")?;
+            }
+            Err(writer) => {
+                writer.checkpoint().context("checkpointing the audit log")?;
+            }
+        }
+    }
     served.map_err(|s| anyhow::anyhow!("{}", s.message()))
+}
+
+/// Per-request entries are many and each is metadata only: they are written (so a crash of
+/// the coordinator loses none) but fsynced with each signed checkpoint, every 1000 entries
+/// and at shutdown. A power loss can lose the entries since the last checkpoint.
+fn request_log_options() -> WriterOptions {
+    WriterOptions::default().with_fsync(FsyncPolicy::OnCheckpoint)
+}
+
+/// The audit signing seed at `path`, created on first use; its public key goes to
+/// `path.pub` (hex).
+fn load_or_create_signer(path: &Path) -> anyhow::Result<Ed25519Signer> {
+    let seed_bytes: Zeroizing<[u8; 32]> = match std::fs::read(path) {
+        Ok(bytes) => {
+            let bytes = Zeroizing::new(bytes);
+            let mut seed = Zeroizing::new([0u8; 32]);
+            if bytes.len() != seed.len() {
+                bail!("{}: not a 32-byte audit signing seed", path.display());
+            }
+            seed.copy_from_slice(&bytes);
+            seed
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let mut seed = Zeroizing::new([0u8; 32]);
+            ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), seed.as_mut())
+                .map_err(|_| anyhow::anyhow!("the system random number generator failed"))?;
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("creating {}", dir.display()))?;
+            }
+            shardseal_keys::atomic_write(path, seed.as_ref(), 0o600)
+                .with_context(|| format!("writing {}", path.display()))?;
+            seed
+        }
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    let seed = SigningSeed::from_bytes(*seed_bytes);
+    let signer = Ed25519Signer::from_seed(&seed)?;
+    let public = PublicKey(signer.public_key()).to_string();
+    let mut pub_path = path.as_os_str().to_owned();
+    pub_path.push(".pub");
+    shardseal_keys::atomic_write(
+        Path::new(&pub_path),
+        format!("{public}\n").as_bytes(),
+        0o644,
+    )
+    .context("writing the audit public key")?;
+    Ok(signer)
 }

@@ -6,6 +6,8 @@
 //!   pki/            local CA and TLS identities (CA key never written)
 //!   agent/          platform.key (0600), platform.key.pub, agent.sock
 //!   broker/         the broker's sealed state, identity (broker.pub) and audit log
+//!   coordinator/    the coordinator's per-request audit log (audit/) and its signing
+//!                   seed (audit.key, 0600; audit.key.pub)
 //!   store/          the shard store: MODEL/vVERSION/stage-N.shard + manifest.json
 //!   owner/          a model owner's key store (demo only)
 //!   logs/           one stderr log per service and per function replica
@@ -56,6 +58,12 @@ impl Layout {
     pub(crate) fn logs(&self) -> PathBuf {
         self.root.join("logs")
     }
+    pub(crate) fn coordinator_audit(&self) -> PathBuf {
+        self.root.join("coordinator").join("audit")
+    }
+    pub(crate) fn coordinator_audit_key(&self) -> PathBuf {
+        self.root.join("coordinator").join("audit.key")
+    }
     pub(crate) fn trust_file(&self) -> PathBuf {
         self.root.join("trust.json")
     }
@@ -69,8 +77,11 @@ pub(crate) struct Stack {
     pub(crate) broker_url: String,
     pub(crate) broker_key: VerifyingKey,
     pub(crate) coordinator_url: Option<String>,
-    /// The measurement of the function executable (this one), hashed once.
+    /// The measurement of the function executable, hashed once.
     function_measurement: Measurement,
+    /// The function program and its leading arguments, when not this executable's
+    /// `function` subcommand.
+    function_command: Vec<String>,
 }
 
 const START_TIMEOUT: Duration = Duration::from_secs(60);
@@ -137,7 +148,20 @@ impl Stack {
             broker_key,
             coordinator_url: None,
             function_measurement,
+            function_command: Vec::new(),
         })
+    }
+
+    /// Runs functions as `command` (a program and its leading arguments, for example the
+    /// standalone `shardseal-function`) instead of this executable's `function`
+    /// subcommand. The program's file is what the quoting agent measures.
+    pub(crate) fn use_function_command(&mut self, command: Vec<String>) -> anyhow::Result<()> {
+        let program = command
+            .first()
+            .context("the function command names no program")?;
+        self.function_measurement = measure_file(Path::new(program))?;
+        self.function_command = command;
+        Ok(())
     }
 
     /// Starts the coordinator, serving `deployments` (model id, stage count).
@@ -166,9 +190,18 @@ impl Stack {
             l.logs().display().to_string(),
             "--replicas".into(),
             replicas.to_string(),
+            "--audit-dir".into(),
+            l.coordinator_audit().display().to_string(),
+            "--audit-key".into(),
+            l.coordinator_audit_key().display().to_string(),
         ];
         for (model, stages) in deployments {
             args.extend(["--deploy".to_owned(), format!("{model}={stages}")]);
+        }
+        if !self.function_command.is_empty() {
+            // Last: `--function-command` takes every argument after it.
+            args.push("--function-command".into());
+            args.extend(self.function_command.iter().cloned());
         }
         // Deploying cold-starts every stage: give it time.
         let coordinator = self
@@ -180,7 +213,7 @@ impl Stack {
         Ok(url)
     }
 
-    /// The measurement of the function executable the local platform runs (this one).
+    /// The measurement of the function executable the local platform runs.
     pub(crate) fn function_measurement(&self) -> Measurement {
         self.function_measurement
     }

@@ -32,6 +32,12 @@ pub(crate) struct UpArgs {
     /// Replicas started per stage.
     #[arg(long, default_value_t = 1)]
     replicas: usize,
+    /// Run functions as PROGRAM [ARGS]... instead of this executable's `function`
+    /// subcommand, for example the standalone `target/release/shardseal-function`. Its
+    /// file's SHA-256 is the measurement written to trust.json. Give it last: it takes
+    /// every argument after it.
+    #[arg(long, num_args = 1.., value_name = "PROGRAM [ARGS]")]
+    function_command: Vec<String>,
 }
 
 pub(crate) fn run(args: UpArgs) -> anyhow::Result<()> {
@@ -64,6 +70,9 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.state)?;
     let mut stack = Stack::start(&args.state, &owners).await?;
     let started = async {
+        if !args.function_command.is_empty() {
+            stack.use_function_command(args.function_command.clone())?;
+        }
         let url = stack
             .start_coordinator(&args.listen, &deployments, args.replicas)
             .await?;

@@ -16,44 +16,12 @@ use shardseal_proto::v1::coordinator_client::CoordinatorClient;
 use shardseal_proto::v1::{InferRequest, RequestHeader};
 use shardseal_testkit::cluster::Cluster;
 use shardseal_testkit::models;
+use shardseal_testkit::sealed::{inputs_for, max_abs_diff};
 use tonic::transport::Endpoint;
 
 /// The `shardseal` executable cargo built for these tests.
 fn shardseal() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_shardseal"))
-}
-
-/// Deterministic f32 inputs for every input the client's verified manifest declares.
-async fn inputs_for(client: &shardseal_sdk::Client, model: &str, seed: u64) -> Vec<HostTensor> {
-    let pipeline = client.pipeline(model).await.expect("verified pipeline");
-    let mut rng = models::Xorshift::new(seed);
-    pipeline
-        .inputs
-        .iter()
-        .map(|spec| {
-            let shape: Vec<usize> = spec.shape.iter().map(|&d| d as usize).collect();
-            let values: Vec<f32> = (0..shape.iter().product::<usize>())
-                .map(|_| rng.next_f32())
-                .collect();
-            HostTensor::from_f32(spec.name.clone(), shape, &values).expect("input tensor")
-        })
-        .collect()
-}
-
-fn max_abs_diff(expected: &[HostTensor], actual: &[HostTensor]) -> f64 {
-    assert_eq!(expected.len(), actual.len(), "output count");
-    let mut max = 0.0f64;
-    for e in expected {
-        let a = actual
-            .iter()
-            .find(|a| a.name() == e.name())
-            .unwrap_or_else(|| panic!("missing output {}", e.name()));
-        assert_eq!(a.shape(), e.shape(), "shape of {}", e.name());
-        for (x, y) in e.to_f64_lossy().iter().zip(a.to_f64_lossy()) {
-            max = max.max((x - y).abs());
-        }
-    }
-    max
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -2,22 +2,24 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use shardseal_attestation::ModelId;
+use shardseal_attestation::{ModelId, ModelVersion};
+use shardseal_audit::{AuditEvent, AuditWriter, Outcome, RequestId};
 use shardseal_keys::{PipelineManifest, VerifyingKey, from_blob};
 use shardseal_proto::tls::{Pki, Role};
 use shardseal_proto::v1::coordinator_server::{Coordinator, CoordinatorServer};
 use shardseal_proto::v1::key_broker_client::KeyBrokerClient;
 use shardseal_proto::v1::{
-    GetPipelineRequest, InferRequest, InferResponse, PipelineManifestRequest, SignedBlob,
+    GetPipelineRequest, InferRequest, InferResponse, PipelineManifestRequest, RequestHeader,
+    Sealed, SignedBlob,
 };
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::{Channel, Server};
 use tonic::{Request, Response, Status};
 
-use crate::router::{Catalog, MAX_MESSAGE_BYTES, Router};
+use crate::router::{Catalog, MAX_MESSAGE_BYTES, Routed, Router};
 
 /// The broker as the catalog of servable models: a model's stage count comes from its
 /// broker-signed pipeline manifest (public data; the coordinator checks the signature
@@ -60,12 +62,96 @@ impl Catalog for BrokerCatalog {
 pub struct CoordinatorService {
     router: Arc<Router>,
     broker: KeyBrokerClient<Channel>,
+    audit: Option<Arc<AuditWriter>>,
 }
 
 impl CoordinatorService {
     /// A service over `router` that fetches pipeline manifests from `broker`.
     pub fn new(router: Arc<Router>, broker: KeyBrokerClient<Channel>) -> Self {
-        Self { router, broker }
+        Self {
+            router,
+            broker,
+            audit: None,
+        }
+    }
+
+    /// Records every request in `audit`: id, model, stages, sealed sizes, durations and
+    /// outcome, never a tensor value. An entry is written before the client gets its
+    /// answer, so a request a client saw answered is never missing from the log.
+    pub fn with_audit(mut self, audit: Arc<AuditWriter>) -> Self {
+        self.audit = Some(audit);
+        self
+    }
+
+    /// Appends the entry for one request. A failed write is logged, not sent to the
+    /// client: the request's own outcome stands.
+    async fn record(&self, event: AuditEvent) {
+        let Some(audit) = self.audit.clone() else {
+            return;
+        };
+        let written = tokio::task::spawn_blocking(move || audit.append(&event)).await;
+        match written {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "audit entry not written"),
+            Err(e) => tracing::error!(error = %e, "audit writer task failed"),
+        }
+    }
+}
+
+/// The audit entry of one routed request, or `None` when the request named no valid model
+/// or request id (there is nothing to file it under; the router refused it).
+fn request_event(
+    header: &RequestHeader,
+    input_bytes: u64,
+    result: &Result<Routed, Status>,
+    total: Duration,
+) -> Option<AuditEvent> {
+    let model = ModelId::new(header.model_id.clone()).ok()?;
+    let request_id = RequestId::from_bytes(&header.request_id).ok()?;
+    let micros = |ms: f64| (ms * 1e3).round() as u64;
+    let (stages, output_bytes, stage_us, outcome) = match result {
+        Ok(routed) => (
+            routed.timings.len() as u32,
+            sealed_len(&routed.output),
+            routed
+                .timings
+                .iter()
+                .map(|t| micros(t.open_ms + t.run_ms + t.seal_ms))
+                .collect(),
+            Outcome::Ok,
+        ),
+        Err(status) => (0, 0, Vec::new(), outcome_of(status)),
+    };
+    Some(AuditEvent::Request {
+        request_id,
+        model,
+        version: ModelVersion(header.version),
+        stages,
+        input_bytes,
+        output_bytes,
+        stage_us,
+        total_us: u64::try_from(total.as_micros()).unwrap_or(u64::MAX),
+        outcome,
+        failed_stage: None,
+    })
+}
+
+fn sealed_len(sealed: &Sealed) -> u64 {
+    (sealed.enc.len() + sealed.ciphertext.len()) as u64
+}
+
+/// How a refused or failed request is filed.
+fn outcome_of(status: &Status) -> Outcome {
+    use tonic::Code;
+    match status.code() {
+        Code::InvalidArgument | Code::NotFound | Code::OutOfRange => Outcome::InvalidRequest,
+        Code::PermissionDenied | Code::Unauthenticated | Code::FailedPrecondition => {
+            Outcome::Denied
+        }
+        Code::DeadlineExceeded => Outcome::Timeout,
+        Code::ResourceExhausted => Outcome::Overloaded,
+        Code::Cancelled => Outcome::Cancelled,
+        _ => Outcome::StageFailed,
     }
 }
 
@@ -97,7 +183,16 @@ impl Coordinator for CoordinatorService {
         tracing::Span::current()
             .record("model", header.model_id.as_str())
             .record("request_id", hex::encode(&header.request_id));
-        let routed = self.router.route(header, input, deadline).await?;
+        let started = Instant::now();
+        let input_bytes = sealed_len(&input);
+        let audit_header = self.audit.is_some().then(|| header.clone());
+        let result = self.router.route(header, input, deadline).await;
+        if let Some(header) = audit_header
+            && let Some(event) = request_event(&header, input_bytes, &result, started.elapsed())
+        {
+            self.record(event).await;
+        }
+        let routed = result?;
         Ok(Response::new(InferResponse {
             output: Some(routed.output),
             timings: routed.timings,

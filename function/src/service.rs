@@ -150,10 +150,18 @@ impl StageFunction for StageService {
                 .await
                 .map_err(|_| Status::internal("the stage's worker failed"))?;
         match result {
-            Ok((sealed, timing)) => Ok(Response::new(ProcessResponse {
-                activations: Some(sealed.into()),
-                timing: Some(timing),
-            })),
+            Ok((sealed, timing)) => {
+                tracing::info!(
+                    open_ms = timing.open_ms,
+                    run_ms = timing.run_ms,
+                    seal_ms = timing.seal_ms,
+                    "processed"
+                );
+                Ok(Response::new(ProcessResponse {
+                    activations: Some(sealed.into()),
+                    timing: Some(timing),
+                }))
+            }
             Err(e) => Err(to_status(&e)),
         }
     }

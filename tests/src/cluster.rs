@@ -136,6 +136,28 @@ impl Cluster {
         model: &[u8],
         stages: u32,
     ) {
+        let manifest = self.provision(owner_dir, model_id, model, stages).await;
+        let measurement = self
+            .trust
+            .measurements
+            .iter()
+            .next()
+            .copied()
+            .expect("a trusted measurement");
+        let policy = OwnerReleasePolicy::same_for_all_stages(stages, &[measurement]);
+        self.register(owner, &manifest, &policy).await;
+    }
+
+    /// Provisions `model` (ONNX bytes) as `model_id` v1 in `stages` stages into this
+    /// deployment's shard store with `shardseal keys provision` and the key store in
+    /// `owner_dir`; returns the signed model manifest.
+    pub async fn provision(
+        &self,
+        owner_dir: &Path,
+        model_id: &str,
+        model: &[u8],
+        stages: u32,
+    ) -> Vec<u8> {
         let model_path = self.state.path().join(format!("{model_id}.onnx"));
         std::fs::write(&model_path, model).expect("write model");
         let out = self.state.path().join("store").join(model_id).join("v1");
@@ -157,21 +179,22 @@ impl Cluster {
             .await
             .expect("run keys provision");
         assert!(status.success(), "keys provision failed for {model_id}");
-        let manifest = std::fs::read(out.join("manifest.json")).expect("manifest");
-        let measurement = self
-            .trust
-            .measurements
-            .iter()
-            .next()
-            .copied()
-            .expect("a trusted measurement");
-        let policy = OwnerReleasePolicy::same_for_all_stages(stages, &[measurement]);
+        std::fs::read(out.join("manifest.json")).expect("manifest")
+    }
+
+    /// Registers a signed model `manifest` with the broker as `owner`, under `policy`.
+    pub async fn register(
+        &self,
+        owner: &OwnerKeyStore,
+        manifest: &[u8],
+        policy: &OwnerReleasePolicy,
+    ) {
         shardseal_keys::broker::owner::register(
             &self.broker_url,
             &self.pki(),
             owner,
-            &manifest,
-            &policy,
+            manifest,
+            policy,
         )
         .await
         .expect("register the model with the broker");
@@ -206,6 +229,14 @@ impl Cluster {
     /// Stops every process.
     pub async fn stop(mut self) {
         self.terminate().await;
+    }
+
+    /// Stops every process and keeps the state folder for inspection; the caller removes
+    /// it.
+    pub async fn stop_keeping_state(mut self) -> PathBuf {
+        self.terminate().await;
+        self.state.disable_cleanup(true);
+        self.state.path().to_owned()
     }
 
     async fn terminate(&mut self) {

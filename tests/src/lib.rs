@@ -5,3 +5,4 @@
 pub mod canary;
 pub mod cluster;
 pub mod models;
+pub mod sealed;

@@ -1,0 +1,218 @@
+//! Two models of two owners served by one deployment at once: each owner's keys reach only
+//! the functions of its own model, a request for one model never reaches the other's
+//! functions, and activations sealed for one cannot be opened by the other.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use shardseal_attestation::ModelId;
+use shardseal_function::StageEngine;
+use shardseal_keys::broker::BrokerError;
+use shardseal_keys::broker::owner::OwnerClient;
+use shardseal_keys::{
+    ActivationContext, Direction, OwnerKeyStore, RecipientPrivateKey, RequestId, seal_activation,
+};
+use shardseal_proto::tensor::encode_bundle;
+use shardseal_proto::tls::Role;
+use shardseal_proto::v1::coordinator_client::CoordinatorClient;
+use shardseal_proto::v1::{InferRequest, RequestHeader};
+use shardseal_testkit::cluster::Cluster;
+use shardseal_testkit::models;
+use shardseal_testkit::sealed::{inputs_for, max_abs_diff};
+use tonic::transport::Endpoint;
+
+fn shardseal() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_shardseal"))
+}
+
+const REQUESTS_PER_MODEL: u64 = 6;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_owners_models_are_served_at_once_and_kept_apart() {
+    let second = tempfile::tempdir().unwrap();
+    let beta_owner_dir = second.path().join("owner");
+    let beta_owner = OwnerKeyStore::init(&beta_owner_dir).unwrap();
+    let cluster = Cluster::start_with(
+        shardseal(),
+        &[
+            "--owner-key".to_owned(),
+            beta_owner.verifying_key().to_hex(),
+        ],
+    )
+    .await;
+    let alpha = models::mlp(&Default::default());
+    let beta = models::residual_cnn(&Default::default());
+    cluster.provision_and_register("alpha", &alpha, 2).await;
+    cluster
+        .provision_and_register_as(&beta_owner, &beta_owner_dir, "beta", &beta, 2)
+        .await;
+
+    // Both at once, interleaved.
+    let client = Arc::new(cluster.client().await);
+    let engines = Arc::new([
+        StageEngine::load(&alpha).unwrap(),
+        StageEngine::load(&beta).unwrap(),
+    ]);
+    let mut tasks = Vec::new();
+    for seed in 0..2 * REQUESTS_PER_MODEL {
+        let (client, engines) = (client.clone(), engines.clone());
+        tasks.push(tokio::spawn(async move {
+            let (model, engine) = match seed % 2 {
+                0 => ("alpha", &engines[0]),
+                _ => ("beta", &engines[1]),
+            };
+            let inputs = inputs_for(&client, model, seed).await;
+            let expected = engine.run(&inputs).unwrap();
+            let got = client.infer(model, inputs).await.unwrap();
+            let diff = max_abs_diff(&expected, &got.outputs);
+            assert!(diff <= 1e-5, "{model} seed {seed}: diff {diff}");
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+
+    // Each model's stages ran in functions of that model only, and each processed exactly
+    // that model's requests.
+    let served = requests_served_by_model_and_stage(&cluster.state().join("logs"));
+    let expected: BTreeMap<(String, u32), u64> = [
+        (("alpha".to_owned(), 0), REQUESTS_PER_MODEL),
+        (("alpha".to_owned(), 1), REQUESTS_PER_MODEL),
+        (("beta".to_owned(), 0), REQUESTS_PER_MODEL),
+        (("beta".to_owned(), 1), REQUESTS_PER_MODEL),
+    ]
+    .into();
+    assert_eq!(served, expected, "requests processed per (model, stage)");
+
+    // The broker released each model's keys once per stage, to that model's functions.
+    let released = audit_show(
+        &cluster.state().join("broker").join("audit"),
+        "key_released",
+    );
+    for model in ["alpha", "beta"] {
+        let lines = released
+            .lines()
+            .filter(|l| l.contains(&format!("\"{model}\"")))
+            .count();
+        assert_eq!(lines, 2, "{model}: one release per stage\n{released}");
+    }
+
+    // A request for alpha that carries activations sealed for beta's first stage is
+    // refused by alpha's function: it cannot open them.
+    let beta_pipeline = client.pipeline("beta").await.unwrap();
+    let alpha_pipeline = client.pipeline("alpha").await.unwrap();
+    let request_id = RequestId::random().unwrap();
+    let inputs = inputs_for(&client, "alpha", 99).await;
+    let misaddressed = seal_activation(
+        &beta_pipeline.stage0_public_key,
+        &ActivationContext {
+            deployment: alpha_pipeline.deployment.clone(),
+            request_id,
+            hop: 0,
+            direction: Direction::TowardNextStage,
+        },
+        &encode_bundle(&inputs),
+    )
+    .unwrap();
+    let status = raw_coordinator(&cluster)
+        .await
+        .infer(InferRequest {
+            header: Some(RequestHeader {
+                model_id: "alpha".into(),
+                version: alpha_pipeline.version.0,
+                request_id: request_id.as_bytes().to_vec(),
+                response_key: RecipientPrivateKey::generate()
+                    .unwrap()
+                    .public_key()
+                    .as_bytes()
+                    .to_vec(),
+            }),
+            input: Some(misaddressed.into()),
+        })
+        .await
+        .expect_err("activations sealed for beta opened in alpha's function");
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+
+    // One owner cannot act on the other's model.
+    let mut alpha_owner = OwnerClient::connect(&cluster.broker_url, &cluster.pki())
+        .await
+        .unwrap();
+    let err = alpha_owner
+        .revoke(&cluster.owner, &ModelId::new("beta").unwrap(), None)
+        .await
+        .expect_err("alpha's owner revoked beta");
+    assert!(
+        matches!(
+            err,
+            BrokerError::Refused {
+                code: tonic::Code::PermissionDenied,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    // And beta still serves.
+    let inputs = inputs_for(&client, "beta", 7).await;
+    client.infer("beta", inputs).await.unwrap();
+    cluster.stop().await;
+}
+
+/// `(model, stage) -> requests processed`, read from the function logs: each log names the
+/// model and stage in its cold start line, then one `processed` line per request.
+fn requests_served_by_model_and_stage(logs: &Path) -> BTreeMap<(String, u32), u64> {
+    let mut served = BTreeMap::new();
+    for entry in std::fs::read_dir(logs).unwrap().flatten() {
+        if !entry.file_name().to_string_lossy().starts_with("function-") {
+            continue;
+        }
+        let log = std::fs::read_to_string(entry.path()).unwrap();
+        let Some(cold) = log.lines().find(|l| l.contains("cold start complete")) else {
+            continue;
+        };
+        let field = |name: &str| {
+            cold.split_whitespace()
+                .find_map(|w| w.strip_prefix(&format!("{name}=")))
+                .unwrap_or_else(|| panic!("no {name} in {cold:?}"))
+                .to_owned()
+        };
+        let key = (field("model"), field("stage").parse::<u32>().unwrap());
+        let processed = log
+            .lines()
+            .filter(|l| l.contains("processed open_ms="))
+            .count() as u64;
+        *served.entry(key).or_insert(0) += processed;
+    }
+    served
+}
+
+async fn raw_coordinator(cluster: &Cluster) -> CoordinatorClient<tonic::transport::Channel> {
+    let tls = shardseal_proto::tls::client_config_from_ca(
+        cluster.trust.ca_pem.as_bytes(),
+        Role::Coordinator,
+    );
+    let channel = Endpoint::from_shared(cluster.coordinator_url.clone())
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    CoordinatorClient::new(channel)
+}
+
+/// `shardseal audit show DIR --kind KIND --json`, as JSON lines.
+fn audit_show(dir: &Path, kind: &str) -> String {
+    let out = std::process::Command::new(shardseal())
+        .args(["audit", "show"])
+        .arg(dir)
+        .args(["--kind", kind, "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
