@@ -10,7 +10,10 @@ use shardseal_audit::{
     AuditWriter, CheckpointSigner, Ed25519Signer, FsyncPolicy, PublicKey, SigningSeed,
     WriterOptions,
 };
+use shardseal_coordinator::autoscale::ScalingPolicy;
+use shardseal_coordinator::billing::UsageLog;
 use shardseal_coordinator::platform::local::{LocalPlatform, LocalPlatformConfig};
+use shardseal_coordinator::platform::memory::MemoryLimit;
 use shardseal_coordinator::router::{Router, RouterConfig};
 use shardseal_coordinator::service::{BrokerCatalog, CoordinatorService, run};
 use shardseal_keys::VerifyingKey;
@@ -61,6 +64,13 @@ pub(crate) struct CoordinatorArgs {
     /// `function` subcommand).
     #[arg(long, num_args = 1.., value_name = "PROGRAM [ARGS]")]
     function_command: Vec<String>,
+    /// Replica scaling and function memory.
+    #[command(flatten)]
+    scaling: ScalingArgs,
+    /// Append one usage record per function invocation (stage, replica, memory size,
+    /// duration) to this file, for `shardseal usage`.
+    #[arg(long)]
+    usage_log: Option<PathBuf>,
     /// Folder of the coordinator's audit log: one entry per request (id, model, stages,
     /// sealed sizes, durations, outcome). Read it with `shardseal audit`.
     #[arg(long, requires = "audit_key")]
@@ -109,11 +119,20 @@ async fn serve(args: CoordinatorArgs) -> anyhow::Result<()> {
     if let Some(key) = &args.broker_key {
         common_args.extend(["--broker-key".to_owned(), key.clone()]);
     }
+    let scaling = args.scaling.policy()?;
+    let memory_limit = args.scaling.memory_limit()?;
+    if let Some(limit) = &memory_limit {
+        tracing::info!(bytes = limit.bytes(), enforcement = ?limit.enforcement(), "function memory limit");
+    }
+    let function_memory_mb = memory_limit
+        .as_ref()
+        .map_or(DEFAULT_BILLED_MEMORY_MB, |l| l.bytes().div_ceil(1 << 20));
     let platform = Arc::new(LocalPlatform::new(LocalPlatformConfig {
         command,
         common_args,
         log_dir: args.log_dir.clone(),
         start_timeout: Duration::from_secs(120),
+        memory_limit,
     }));
     let broker_tls = pki.client_config(Role::Broker, None)?;
     let broker = KeyBrokerClient::new(
@@ -127,19 +146,23 @@ async fn serve(args: CoordinatorArgs) -> anyhow::Result<()> {
         .map(str::parse::<VerifyingKey>)
         .transpose()
         .context("--broker-key")?;
-    let router = Arc::new(
-        Router::new(
-            platform,
-            &pki,
-            RouterConfig {
-                initial_replicas: args.replicas,
-                max_in_flight: args.max_in_flight,
-                ..RouterConfig::default()
-            },
-        )
-        .map_err(|s| anyhow::anyhow!("{}", s.message()))?
-        .with_catalog(Arc::new(BrokerCatalog::new(broker.clone(), broker_key))),
-    );
+    let router = Router::new(
+        platform,
+        &pki,
+        RouterConfig {
+            initial_replicas: args.replicas,
+            max_in_flight: args.max_in_flight,
+            scaling,
+            function_memory_mb,
+            ..RouterConfig::default()
+        },
+    )
+    .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+    .with_catalog(Arc::new(BrokerCatalog::new(broker.clone(), broker_key)));
+    let router = Arc::new(match &args.usage_log {
+        Some(path) => router.with_usage_log(Arc::new(UsageLog::open(path)?)),
+        None => router,
+    });
     for (model, stages) in deployments {
         router
             .deploy(model.clone(), stages)
@@ -148,6 +171,7 @@ async fn serve(args: CoordinatorArgs) -> anyhow::Result<()> {
         tracing::info!(%model, stages, "deployed");
     }
 
+    let autoscaler = router.spawn_autoscaler();
     let mut service = CoordinatorService::new(router.clone(), broker);
     let audit = match (&args.audit_dir, &args.audit_key) {
         (Some(dir), Some(key)) => {
@@ -166,6 +190,7 @@ async fn serve(args: CoordinatorArgs) -> anyhow::Result<()> {
     println!("SHARDSEAL_READY {}", listener.local_addr()?);
     let served = run(listener, &pki, service, shutdown_signal()).await;
     router.shutdown().await;
+    let _ = autoscaler.await;
     if let Some(audit) = audit {
         // The service (and its clone of the writer) is gone once `run` returns.
         match Arc::try_unwrap(audit) {
@@ -178,6 +203,116 @@ async fn serve(args: CoordinatorArgs) -> anyhow::Result<()> {
         }
     }
     served.map_err(|s| anyhow::anyhow!("{}", s.message()))
+}
+
+/// The memory size billed for functions that run without a memory limit, in MiB.
+const DEFAULT_BILLED_MEMORY_MB: u64 = 1024;
+
+/// How replicas follow load, and how much memory each function may use. Shared by
+/// `shardseal coordinator` and `shardseal up` (which passes them on).
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct ScalingArgs {
+    /// Replicas each stage keeps when idle (0: scale to zero).
+    #[arg(long, default_value_t = 0)]
+    min_replicas: usize,
+    /// Replicas a stage never exceeds.
+    #[arg(long, default_value_t = 4)]
+    max_replicas: usize,
+    /// Requests in flight per replica the autoscaler aims for.
+    #[arg(long, default_value_t = 1.0)]
+    target_in_flight: f64,
+    /// Window over which load is averaged before scaling in (e.g. 10s, 500ms).
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    scale_window: Duration,
+    /// Idle time after which a stage scales to zero replicas, or `never`.
+    #[arg(long, default_value = "60s", value_parser = parse_optional_duration)]
+    scale_to_zero_after: OptionalDuration,
+    /// Memory each function may use (e.g. 256MiB, 1GiB), enforced by the kernel: a cgroup
+    /// v2 `memory.max` where the coordinator may create cgroups, else `RLIMIT_DATA`. It is
+    /// also the memory size usage is billed at (1 GiB when unset).
+    #[arg(long, value_name = "SIZE")]
+    memory_limit: Option<String>,
+}
+
+/// A duration, or none (`never`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct OptionalDuration(Option<Duration>);
+
+impl ScalingArgs {
+    pub(crate) fn policy(&self) -> anyhow::Result<ScalingPolicy> {
+        let policy = ScalingPolicy {
+            min_replicas: self.min_replicas,
+            max_replicas: self.max_replicas,
+            target_in_flight: self.target_in_flight,
+            stable_window: self.scale_window,
+            scale_to_zero_after: self.scale_to_zero_after.0,
+            ..ScalingPolicy::default()
+        };
+        policy
+            .validate()
+            .map_err(|e| anyhow::anyhow!("scaling: {e}"))?;
+        Ok(policy)
+    }
+
+    pub(crate) fn memory_limit(&self) -> anyhow::Result<Option<MemoryLimit>> {
+        self.memory_limit
+            .as_deref()
+            .map(|text| {
+                crate::plan::parse_size(text)
+                    .map(MemoryLimit::new)
+                    .map_err(|e| anyhow::anyhow!("--memory-limit: {e}"))
+            })
+            .transpose()
+    }
+
+    /// The same settings as `shardseal coordinator` arguments.
+    pub(crate) fn to_args(&self) -> Vec<String> {
+        let mut args = vec![
+            "--min-replicas".to_owned(),
+            self.min_replicas.to_string(),
+            "--max-replicas".to_owned(),
+            self.max_replicas.to_string(),
+            "--target-in-flight".to_owned(),
+            self.target_in_flight.to_string(),
+            "--scale-window".to_owned(),
+            format!("{}ms", self.scale_window.as_millis()),
+            "--scale-to-zero-after".to_owned(),
+            match self.scale_to_zero_after.0 {
+                Some(d) => format!("{}ms", d.as_millis()),
+                None => "never".to_owned(),
+            },
+        ];
+        if let Some(limit) = &self.memory_limit {
+            args.extend(["--memory-limit".to_owned(), limit.clone()]);
+        }
+        args
+    }
+}
+
+/// Parses `250ms`, `10s`, `2m` or `1h`.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?}: expected a duration such as 500ms, 10s or 2m"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" | "" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        "h" => Ok(Duration::from_secs(n * 3600)),
+        other => Err(format!(
+            "{text:?}: unknown unit {other:?} (use ms, s, m or h)"
+        )),
+    }
+}
+
+fn parse_optional_duration(text: &str) -> Result<OptionalDuration, String> {
+    match text.trim() {
+        "never" | "off" => Ok(OptionalDuration(None)),
+        t => parse_duration(t).map(|d| OptionalDuration(Some(d))),
+    }
 }
 
 /// Per-request entries are many and each is metadata only: they are written (so a crash of

@@ -15,6 +15,7 @@ mod quoting_agent;
 mod stack;
 mod supervisor;
 mod up;
+mod usage;
 
 /// Confidential inference on serverless functions.
 #[derive(Debug, Parser)]
@@ -48,6 +49,8 @@ enum Command {
     Audit(audit::AuditArgs),
     /// Show how a model would be cut into pipeline stages.
     Plan(plan::PlanArgs),
+    /// Report pay-per-use GB-seconds and cost per model, stage and request.
+    Usage(usage::UsageArgs),
 }
 
 // `shardseal function` runs stage functions from this executable, so it wipes freed memory
@@ -83,6 +86,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::QuotingAgent(args) => quoting_agent::run(args),
         Command::Audit(args) => audit::run(args),
         Command::Plan(args) => plan::run(args),
+        Command::Usage(args) => usage::run(args),
     }
 }
 

@@ -26,8 +26,10 @@ pub(crate) struct PlanSpec {
     /// Number of stages, or `auto` for the fewest that each fit --memory-limit.
     #[arg(long, value_parser = parse_stages, default_value = "2")]
     stages: Stages,
-    /// Per-stage memory limit (weights plus live activations): bytes, or a size such as
-    /// 256MiB, 1GiB, 500MB.
+    /// The memory of each function, the figure given to `shardseal up --memory-limit`:
+    /// bytes, or a size such as 256MiB, 1GiB, 500MB. Each stage's weights plus live
+    /// activations are kept within a quarter of it, less 32 MiB for the runtime: loading
+    /// holds the decrypted shard, tract's parsed model and its optimized copy at once.
     #[arg(long, value_parser = parse_size)]
     memory_limit: Option<u64>,
     /// Static shape for a graph input with dynamic dimensions, as name=d0,d1,...
@@ -45,7 +47,8 @@ enum Stages {
 impl PlanSpec {
     /// The planner options these arguments ask for.
     pub(crate) fn options(&self) -> anyhow::Result<PlanOptions> {
-        let mut options = match (self.stages, self.memory_limit) {
+        let budget = self.memory_limit.map(stage_budget).transpose()?;
+        let mut options = match (self.stages, budget) {
             (Stages::Count(n), limit) => {
                 let options = PlanOptions::fixed(n);
                 match limit {
@@ -61,6 +64,17 @@ impl PlanSpec {
         }
         Ok(options)
     }
+}
+
+/// What the planner may put in one stage of a function with `function_memory` bytes.
+fn stage_budget(function_memory: u64) -> anyhow::Result<u64> {
+    const RUNTIME: u64 = 32 << 20;
+    const LOAD_FACTOR: u64 = 4;
+    anyhow::ensure!(
+        function_memory > RUNTIME + (4 << 20),
+        "--memory-limit {function_memory} bytes leaves nothing for a stage (the runtime needs 32 MiB)"
+    );
+    Ok((function_memory - RUNTIME) / LOAD_FACTOR)
 }
 
 pub(crate) fn run(args: PlanArgs) -> anyhow::Result<()> {
@@ -150,7 +164,7 @@ fn parse_stages(text: &str) -> Result<Stages, String> {
 
 /// Parses `1048576`, `512KiB`, `256MiB`, `1.5GiB`, `500MB` (binary units with `i`, decimal
 /// without; case-insensitive).
-fn parse_size(text: &str) -> Result<u64, String> {
+pub(crate) fn parse_size(text: &str) -> Result<u64, String> {
     let text = text.trim();
     let split = text
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))

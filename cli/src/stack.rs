@@ -7,7 +7,8 @@
 //!   agent/          platform.key (0600), platform.key.pub, agent.sock
 //!   broker/         the broker's sealed state, identity (broker.pub) and audit log
 //!   coordinator/    the coordinator's per-request audit log (audit/) and its signing
-//!                   seed (audit.key, 0600; audit.key.pub)
+//!                   seed (audit.key, 0600; audit.key.pub); usage.jsonl, one billing
+//!                   record per function invocation (`shardseal usage`)
 //!   store/          the shard store: MODEL/vVERSION/stage-N.shard + manifest.json
 //!   owner/          a model owner's key store (demo only)
 //!   logs/           one stderr log per service and per function replica
@@ -64,6 +65,9 @@ impl Layout {
     pub(crate) fn coordinator_audit_key(&self) -> PathBuf {
         self.root.join("coordinator").join("audit.key")
     }
+    pub(crate) fn usage_log(&self) -> PathBuf {
+        self.root.join("coordinator").join("usage.jsonl")
+    }
     pub(crate) fn trust_file(&self) -> PathBuf {
         self.root.join("trust.json")
     }
@@ -82,6 +86,8 @@ pub(crate) struct Stack {
     /// The function program and its leading arguments, when not this executable's
     /// `function` subcommand.
     function_command: Vec<String>,
+    /// More `shardseal coordinator` arguments (scaling, memory limit).
+    coordinator_args: Vec<String>,
 }
 
 const START_TIMEOUT: Duration = Duration::from_secs(60);
@@ -149,7 +155,13 @@ impl Stack {
             coordinator_url: None,
             function_measurement,
             function_command: Vec::new(),
+            coordinator_args: Vec::new(),
         })
+    }
+
+    /// Passes `args` on to the coordinator when it starts (scaling and memory flags).
+    pub(crate) fn add_coordinator_args(&mut self, args: impl IntoIterator<Item = String>) {
+        self.coordinator_args.extend(args);
     }
 
     /// Runs functions as `command` (a program and its leading arguments, for example the
@@ -194,7 +206,10 @@ impl Stack {
             l.coordinator_audit().display().to_string(),
             "--audit-key".into(),
             l.coordinator_audit_key().display().to_string(),
+            "--usage-log".into(),
+            l.usage_log().display().to_string(),
         ];
+        args.extend(self.coordinator_args.iter().cloned());
         for (model, stages) in deployments {
             args.extend(["--deploy".to_owned(), format!("{model}={stages}")]);
         }

@@ -32,6 +32,9 @@ pub(crate) struct UpArgs {
     /// Replicas started per stage.
     #[arg(long, default_value_t = 1)]
     replicas: usize,
+    /// Replica scaling and function memory.
+    #[command(flatten)]
+    scaling: crate::coordinator::ScalingArgs,
     /// Run functions as PROGRAM [ARGS]... instead of this executable's `function`
     /// subcommand, for example the standalone `target/release/shardseal-function`. Its
     /// file's SHA-256 is the measurement written to trust.json. Give it last: it takes
@@ -45,6 +48,9 @@ pub(crate) fn run(args: UpArgs) -> anyhow::Result<()> {
 }
 
 async fn up(args: UpArgs) -> anyhow::Result<()> {
+    // Bad settings are refused before anything starts.
+    args.scaling.policy()?;
+    args.scaling.memory_limit()?;
     let layout = Layout::new(&args.state);
     let mut owners = args
         .owner_keys
@@ -73,6 +79,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         if !args.function_command.is_empty() {
             stack.use_function_command(args.function_command.clone())?;
         }
+        stack.add_coordinator_args(args.scaling.to_args());
         let url = stack
             .start_coordinator(&args.listen, &deployments, args.replicas)
             .await?;

@@ -85,17 +85,32 @@ async fn two_owners_models_are_served_at_once_and_kept_apart() {
     .into();
     assert_eq!(served, expected, "requests processed per (model, stage)");
 
-    // The broker released each model's keys once per stage, to that model's functions.
+    // The broker released each model's keys to that model's functions only: one release
+    // per function that cold-started for the model (replicas scale with load), covering
+    // exactly the model's stages.
     let released = audit_show(
         &cluster.state().join("broker").join("audit"),
         "key_released",
     );
+    let cold_starts = cold_starts_by_model(&cluster.state().join("logs"));
     for model in ["alpha", "beta"] {
-        let lines = released
+        let entries: Vec<serde_json::Value> = released
             .lines()
-            .filter(|l| l.contains(&format!("\"{model}\"")))
-            .count();
-        assert_eq!(lines, 2, "{model}: one release per stage\n{released}");
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|e| e["event"]["model"] == model)
+            .collect();
+        let mut stages: Vec<u64> = entries
+            .iter()
+            .map(|e| e["event"]["stage"].as_u64().unwrap())
+            .collect();
+        stages.sort_unstable();
+        stages.dedup();
+        assert_eq!(stages, vec![0, 1], "{model}\n{released}");
+        assert_eq!(
+            entries.len(),
+            cold_starts.get(model).copied().unwrap_or(0),
+            "{model}: one release per function started for it\n{released}"
+        );
     }
 
     // A request for alpha that carries activations sealed for beta's first stage is
@@ -184,6 +199,25 @@ fn requests_served_by_model_and_stage(logs: &Path) -> BTreeMap<(String, u32), u6
         *served.entry(key).or_insert(0) += processed;
     }
     served
+}
+
+/// How many functions completed a cold start for each model, from their logs.
+fn cold_starts_by_model(logs: &Path) -> BTreeMap<String, usize> {
+    let mut out = BTreeMap::new();
+    for entry in std::fs::read_dir(logs).unwrap().flatten() {
+        if !entry.file_name().to_string_lossy().starts_with("function-") {
+            continue;
+        }
+        let log = std::fs::read_to_string(entry.path()).unwrap();
+        if let Some(model) = log
+            .lines()
+            .find(|l| l.contains("cold start complete"))
+            .and_then(|l| l.split_whitespace().find_map(|w| w.strip_prefix("model=")))
+        {
+            *out.entry(model.to_owned()).or_insert(0) += 1;
+        }
+    }
+    out
 }
 
 async fn raw_coordinator(cluster: &Cluster) -> CoordinatorClient<tonic::transport::Channel> {

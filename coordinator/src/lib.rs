@@ -1,8 +1,10 @@
 //! The ShardSeal coordinator: plans coarse-grained partitions of an ONNX model, routes
 //! sealed activations from stage to stage, and drives the serverless platform. It is
 //! trusted for availability only and never holds a key.
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
+pub mod autoscale;
+pub mod billing;
 pub mod planner;
 pub mod platform;
 pub mod router;

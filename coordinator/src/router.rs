@@ -9,20 +9,28 @@
 //!
 //! Many requests are in flight at once, each on its own task, so stage 0 works on
 //! request n+1 while stage 1 works on request n: the pipeline fills by itself.
+//!
+//! Replicas follow load per stage ([`crate::autoscale`]): a stage with none starts one on
+//! its first request, and the requests that arrive meanwhile wait for it (up to their
+//! deadline) instead of being refused; [`Router::spawn_autoscaler`] scales each stage out
+//! under load, in when the load falls, and to zero when idle. Every invocation can be
+//! recorded for billing ([`crate::billing`]).
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use shardseal_attestation::{ModelId, StageIndex};
 use shardseal_proto::tls::{Pki, Role};
 use shardseal_proto::v1::stage_function_client::StageFunctionClient;
 use shardseal_proto::v1::{ProcessRequest, RequestHeader, Sealed, StageTiming};
-use tokio::sync::{Mutex, RwLock, Semaphore};
+use tokio::sync::{Notify, RwLock, Semaphore};
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tonic::{Code, Status};
 
+use crate::autoscale::{ScalingPolicy, StageScaler};
+use crate::billing::{Invocation, UsageLog};
 use crate::platform::{Platform, Replica, StageRef};
 
 /// Limits that keep the router's memory and latency bounded.
@@ -36,6 +44,11 @@ pub struct RouterConfig {
     pub default_deadline: Duration,
     /// Requests in flight at once; more are refused with `RESOURCE_EXHAUSTED`.
     pub max_in_flight: usize,
+    /// How replicas follow load (used by [`Router::spawn_autoscaler`]).
+    pub scaling: ScalingPolicy,
+    /// The memory size of every function, in MiB, as billed (and enforced by the
+    /// platform).
+    pub function_memory_mb: u64,
 }
 
 impl Default for RouterConfig {
@@ -45,6 +58,8 @@ impl Default for RouterConfig {
             max_attempts: 3,
             default_deadline: Duration::from_secs(30),
             max_in_flight: 256,
+            scaling: ScalingPolicy::default(),
+            function_memory_mb: 1024,
         }
     }
 }
@@ -58,8 +73,49 @@ struct LiveReplica {
 struct StagePool {
     stage: StageRef,
     replicas: RwLock<Vec<Arc<LiveReplica>>>,
-    /// Serialises cold starts of this stage, so a burst starts one replica, not fifty.
-    starting: Mutex<()>,
+    /// Cold starts under way. A request that finds no replica starts one only if none is
+    /// starting, so a burst on a cold stage starts one replica, not fifty.
+    starting: AtomicUsize,
+    /// Requests waiting for a replica (load the scaler counts).
+    waiting: AtomicUsize,
+    /// Signalled whenever a cold start ends, well or not.
+    started: Notify,
+    scaler: std::sync::Mutex<StageScaler>,
+    /// When the last cold start failed, and what waiting requests are told.
+    last_start_failure: std::sync::Mutex<Option<(Instant, Status)>>,
+}
+
+impl StagePool {
+    fn last_start_failure(&self) -> Option<(Instant, Status)> {
+        self.last_start_failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn scaler(&self) -> std::sync::MutexGuard<'_, StageScaler> {
+        self.scaler.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Counts a cold start of `pool` from creation to drop, and wakes the requests waiting
+/// for it however it ends.
+struct StartingGuard<'a>(&'a StagePool);
+
+impl Drop for StartingGuard<'_> {
+    fn drop(&mut self) {
+        self.0.starting.fetch_sub(1, Ordering::AcqRel);
+        self.0.started.notify_waiters();
+    }
+}
+
+/// Counts a request waiting for a replica of `pool`.
+struct WaitingGuard<'a>(&'a StagePool);
+
+impl Drop for WaitingGuard<'_> {
+    fn drop(&mut self) {
+        self.0.waiting.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 struct Deployment {
@@ -93,6 +149,9 @@ pub struct Router {
     config: RouterConfig,
     deployments: RwLock<HashMap<ModelId, Arc<Deployment>>>,
     admission: Semaphore,
+    usage: Option<Arc<UsageLog>>,
+    stopping: AtomicBool,
+    stopped: Notify,
 }
 
 impl Router {
@@ -113,7 +172,16 @@ impl Router {
             admission: Semaphore::new(config.max_in_flight),
             config,
             deployments: RwLock::new(HashMap::new()),
+            usage: None,
+            stopping: AtomicBool::new(false),
+            stopped: Notify::new(),
         })
+    }
+
+    /// Records every invocation (stage, replica, memory size, duration) in `usage`.
+    pub fn with_usage_log(mut self, usage: Arc<UsageLog>) -> Self {
+        self.usage = Some(usage);
+        self
     }
 
     /// Lets the router deploy, on first request, models it was not told to deploy: their
@@ -154,6 +222,7 @@ impl Router {
     }
 
     fn new_deployment(model: &ModelId, stages: u32) -> Arc<Deployment> {
+        let now = Instant::now();
         Arc::new(Deployment {
             stages: (0..stages)
                 .map(|i| StagePool {
@@ -162,7 +231,11 @@ impl Router {
                         stage: StageIndex(i),
                     },
                     replicas: RwLock::new(Vec::new()),
-                    starting: Mutex::new(()),
+                    starting: AtomicUsize::new(0),
+                    waiting: AtomicUsize::new(0),
+                    started: Notify::new(),
+                    scaler: std::sync::Mutex::new(StageScaler::new(now)),
+                    last_start_failure: std::sync::Mutex::new(None),
                 })
                 .collect(),
         })
@@ -192,9 +265,14 @@ impl Router {
         out
     }
 
+    /// How many replicas serve each stage of `model` right now (empty if not deployed).
+    pub async fn replica_counts(&self, model: &ModelId) -> Vec<usize> {
+        self.replicas(model).await.iter().map(Vec::len).collect()
+    }
+
     /// Routes one request through every stage.
     pub async fn route(
-        &self,
+        self: &Arc<Self>,
         header: RequestHeader,
         input: Sealed,
         deadline: Option<Duration>,
@@ -211,8 +289,10 @@ impl Router {
         let mut activations = input;
         let mut timings = Vec::with_capacity(deployment.stages.len());
         let mut retries = 0;
-        for pool in &deployment.stages {
-            let (sealed, timing, retried) = self.hop(pool, &header, activations, deadline).await?;
+        for index in 0..deployment.stages.len() {
+            let (sealed, timing, retried) = self
+                .hop(&deployment, index, &header, activations, deadline)
+                .await?;
             activations = sealed;
             timings.extend(timing);
             retries += retried;
@@ -225,12 +305,14 @@ impl Router {
     }
 
     async fn hop(
-        &self,
-        pool: &StagePool,
+        self: &Arc<Self>,
+        deployment: &Arc<Deployment>,
+        index: usize,
         header: &RequestHeader,
         activations: Sealed,
         deadline: Instant,
     ) -> Result<(Sealed, Option<StageTiming>, usize), Status> {
+        let pool = &deployment.stages[index];
         let mut last_error = Status::unavailable(format!("no replica of {}", pool.stage));
         for attempt in 0..self.config.max_attempts {
             let remaining = deadline.saturating_duration_since(Instant::now());
@@ -240,11 +322,18 @@ impl Router {
                     pool.stage
                 )));
             }
-            let replica = match self.pick(pool).await {
-                Ok(replica) => replica,
-                Err(status) => {
+            let replica = match tokio::time::timeout(remaining, self.pick(deployment, index)).await
+            {
+                Ok(Ok(replica)) => replica,
+                Ok(Err(status)) => {
                     last_error = status;
                     continue;
+                }
+                Err(_) => {
+                    return Err(Status::deadline_exceeded(format!(
+                        "deadline passed waiting for a replica of {}",
+                        pool.stage
+                    )));
                 }
             };
             let mut request = tonic::Request::new(ProcessRequest {
@@ -252,10 +341,16 @@ impl Router {
                 stage: pool.stage.stage.0,
                 activations: Some(activations.clone()),
             });
+            let remaining = deadline.saturating_duration_since(Instant::now());
             request.set_timeout(remaining);
             replica.in_flight.fetch_add(1, Ordering::Relaxed);
+            let called = Instant::now();
             let result = replica.client.clone().process(request).await;
             replica.in_flight.fetch_sub(1, Ordering::Relaxed);
+            pool.scaler().touch(Instant::now());
+            if !matches!(&result, Err(status) if replica_failed(status)) {
+                self.bill(header, &replica, called.elapsed(), result.is_ok());
+            }
             match result {
                 Ok(response) => {
                     let response = response.into_inner();
@@ -267,7 +362,7 @@ impl Router {
                 Err(status) if replica_failed(&status) => {
                     tracing::warn!(stage = %pool.stage, replica = replica.replica.id, code = ?status.code(),
                         "replica failed; retrying the hop on another replica");
-                    self.retire(pool, &replica).await;
+                    self.retire(pool, &replica, Duration::ZERO).await;
                     last_error = Status::unavailable(format!("{} is unavailable", pool.stage));
                 }
                 Err(status) => return Err(status),
@@ -276,26 +371,95 @@ impl Router {
         Err(last_error)
     }
 
-    /// The least busy replica of the stage, starting one if there is none.
-    async fn pick(&self, pool: &StagePool) -> Result<Arc<LiveReplica>, Status> {
-        if let Some(replica) = least_busy(&pool.replicas.read().await) {
-            return Ok(replica);
+    /// Records one invocation for billing. A replica that died mid-call is not billed:
+    /// serverless platforms do not bill the infrastructure's failures.
+    fn bill(&self, header: &RequestHeader, replica: &LiveReplica, took: Duration, ok: bool) {
+        let Some(usage) = &self.usage else { return };
+        let at_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        let invocation = Invocation {
+            at_ms,
+            request_id: hex::encode(&header.request_id),
+            model: replica.replica.stage.model.to_string(),
+            stage: replica.replica.stage.stage.0,
+            replica: replica.replica.id,
+            memory_mb: self.config.function_memory_mb,
+            duration_ms: took.as_secs_f64() * 1e3,
+            ok,
+        };
+        if let Err(e) = usage.record(&invocation) {
+            tracing::error!(error = %e, "usage record not written");
         }
-        let _one_at_a_time = pool.starting.lock().await;
-        if let Some(replica) = least_busy(&pool.replicas.read().await) {
-            return Ok(replica);
-        }
-        self.start_replica(pool).await
     }
 
+    /// The least busy replica of the stage. With none, the request waits for one (scale
+    /// from zero): a cold start is begun unless one is under way, on its own task, so a
+    /// request that gives up waiting does not cancel a start others wait for. A start that
+    /// fails while the request waits fails this pick (the hop may try again).
+    async fn pick(
+        self: &Arc<Self>,
+        deployment: &Arc<Deployment>,
+        index: usize,
+    ) -> Result<Arc<LiveReplica>, Status> {
+        let pool = &deployment.stages[index];
+        pool.waiting.fetch_add(1, Ordering::AcqRel);
+        let _waiting = WaitingGuard(pool);
+        let began = Instant::now();
+        loop {
+            let started = pool.started.notified();
+            tokio::pin!(started);
+            started.as_mut().enable();
+            if let Some(replica) = least_busy(&pool.replicas.read().await) {
+                return Ok(replica);
+            }
+            if let Some((at, status)) = pool.last_start_failure()
+                && at > began
+            {
+                return Err(status);
+            }
+            if pool
+                .starting
+                .compare_exchange(0, 1, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+            {
+                let (router, deployment) = (self.clone(), deployment.clone());
+                tokio::spawn(async move {
+                    let pool = &deployment.stages[index];
+                    let guard = StartingGuard(pool);
+                    let _ = router.start_counted(pool, guard).await;
+                });
+            }
+            started.await;
+        }
+    }
+
+    /// Starts one more replica of `pool` and adds it to the pool.
     async fn start_replica(&self, pool: &StagePool) -> Result<Arc<LiveReplica>, Status> {
+        pool.starting.fetch_add(1, Ordering::AcqRel);
+        let guard = StartingGuard(pool);
+        self.start_counted(pool, guard).await
+    }
+
+    async fn start_counted(
+        &self,
+        pool: &StagePool,
+        _starting: StartingGuard<'_>,
+    ) -> Result<Arc<LiveReplica>, Status> {
         let replica = self
             .platform
             .start_replica(&pool.stage)
             .await
             .map_err(|e| {
                 tracing::error!(error = %e, "function cold start failed");
-                Status::unavailable(format!("could not start a function for {}", pool.stage))
+                let status =
+                    Status::unavailable(format!("could not start a function for {}", pool.stage));
+                *pool
+                    .last_start_failure
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()) = Some((Instant::now(), status.clone()));
+                status
             })?;
         let endpoint = Endpoint::from_shared(format!("https://{}", replica.addr))
             .and_then(|e| e.tls_config(self.tls.clone()))
@@ -312,19 +476,106 @@ impl Router {
         Ok(live)
     }
 
-    async fn retire(&self, pool: &StagePool, replica: &Arc<LiveReplica>) {
+    /// Takes `replica` out of `pool` at once, then stops it once its calls in flight are
+    /// done (or `drain` has passed: zero for a replica that already failed).
+    async fn retire(&self, pool: &StagePool, replica: &Arc<LiveReplica>, drain: Duration) {
         pool.replicas
             .write()
             .await
             .retain(|r| r.replica.id != replica.replica.id);
+        let until = Instant::now() + drain;
+        while replica.in_flight.load(Ordering::Acquire) > 0 && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         self.platform.stop_replica(&replica.replica).await;
     }
 
-    /// Stops every function.
+    /// Stops the autoscaler and every function.
     pub async fn shutdown(&self) {
+        self.stopping.store(true, Ordering::Release);
+        self.stopped.notify_waiters();
         self.platform.shutdown().await;
     }
+
+    /// Runs the autoscaler until [`Router::shutdown`]: every `scaling.tick` it samples
+    /// each stage's load and starts, drains or stops replicas to follow it.
+    pub fn spawn_autoscaler(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let router = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(router.config.scaling.tick);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                let stopped = router.stopped.notified();
+                if router.stopping.load(Ordering::Acquire) {
+                    return;
+                }
+                tokio::select! {
+                    _ = stopped => return,
+                    _ = tick.tick() => router.scale_once().await,
+                }
+            }
+        })
+    }
+
+    /// One autoscaling step over every stage of every deployment.
+    async fn scale_once(self: &Arc<Self>) {
+        let deployments: Vec<Arc<Deployment>> =
+            self.deployments.read().await.values().cloned().collect();
+        let now = Instant::now();
+        for deployment in deployments {
+            for index in 0..deployment.stages.len() {
+                let pool = &deployment.stages[index];
+                let replicas = pool.replicas.read().await.clone();
+                let load = replicas
+                    .iter()
+                    .map(|r| r.in_flight.load(Ordering::Relaxed))
+                    .sum::<usize>()
+                    + pool.waiting.load(Ordering::Acquire);
+                let desired = pool.scaler().desired(&self.config.scaling, now, load);
+                let starting = pool.starting.load(Ordering::Acquire);
+                let have = replicas.len() + starting;
+                if desired > have {
+                    tracing::info!(stage = %pool.stage, load, from = have, to = desired, "scaling out");
+                    for _ in have..desired {
+                        let (router, deployment) = (self.clone(), deployment.clone());
+                        tokio::spawn(async move {
+                            let pool = &deployment.stages[index];
+                            if let Err(status) = router.start_replica(pool).await {
+                                tracing::warn!(stage = %pool.stage, error = %status.message(), "scale-out start failed");
+                            }
+                        });
+                    }
+                } else if desired < replicas.len() {
+                    // Only idle replicas go; a busy one is reconsidered at the next tick.
+                    let idle: Vec<_> = replicas
+                        .iter()
+                        .filter(|r| r.in_flight.load(Ordering::Relaxed) == 0)
+                        .take(replicas.len() - desired)
+                        .cloned()
+                        .collect();
+                    if !idle.is_empty() {
+                        tracing::info!(stage = %pool.stage, load, from = replicas.len(),
+                            to = replicas.len() - idle.len(), "scaling in");
+                    }
+                    for replica in idle {
+                        pool.replicas
+                            .write()
+                            .await
+                            .retain(|r| r.replica.id != replica.replica.id);
+                        let (router, deployment) = (self.clone(), deployment.clone());
+                        tokio::spawn(async move {
+                            let pool = &deployment.stages[index];
+                            router.retire(pool, &replica, DRAIN_TIMEOUT).await;
+                        });
+                    }
+                }
+            }
+        }
+    }
 }
+
+/// How long a replica being scaled in may finish the calls it already has.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The largest sealed activation relayed (256 MiB).
 pub const MAX_MESSAGE_BYTES: usize = 256 << 20;

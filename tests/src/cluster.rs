@@ -3,8 +3,10 @@
 //! ```no_run
 //! # async fn t() {
 //! use shardseal_testkit::cluster::Cluster;
-//! // In an integration test of the `shardseal` package, which makes cargo build the binary:
-//! let cluster = Cluster::start(env!("CARGO_BIN_EXE_shardseal").as_ref()).await;
+//! // The `shardseal` executable: an integration test of the CLI package passes
+//! // `env!("CARGO_BIN_EXE_shardseal")`, which also makes cargo build it first.
+//! let exe = std::path::Path::new("target/debug/shardseal");
+//! let cluster = Cluster::start(exe).await;
 //! let model = shardseal_testkit::models::mlp(&Default::default());
 //! cluster.provision_and_register("mlp", &model, 2).await;
 //! let client = cluster.client().await;
@@ -26,6 +28,17 @@ use shardseal_proto::tls::Pki;
 use shardseal_sdk::{Client, Trust};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
+
+/// A function process of a running deployment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FunctionProcess {
+    /// Its process id.
+    pub pid: u32,
+    /// The model it serves.
+    pub model: String,
+    /// The stage it serves.
+    pub stage: u32,
+}
 
 /// A running deployment in a temporary state folder; stopped on drop.
 pub struct Cluster {
@@ -158,28 +171,52 @@ impl Cluster {
         model: &[u8],
         stages: u32,
     ) -> Vec<u8> {
+        let stages = stages.to_string();
+        self.provision_with(owner_dir, model_id, model, &["--stages", &stages])
+            .await
+            .0
+    }
+
+    /// As [`Cluster::provision`], with planning arguments of `shardseal keys provision`
+    /// (e.g. `--stages auto --memory-limit 256MiB`); returns the signed manifest and the
+    /// number of stages written.
+    pub async fn provision_with(
+        &self,
+        owner_dir: &Path,
+        model_id: &str,
+        model: &[u8],
+        plan_args: &[&str],
+    ) -> (Vec<u8>, u32) {
         let model_path = self.state.path().join(format!("{model_id}.onnx"));
         std::fs::write(&model_path, model).expect("write model");
         let out = self.state.path().join("store").join(model_id).join("v1");
-        let status = Command::new(&self.exe)
+        let output = Command::new(&self.exe)
             .args(["keys", "provision", "--model"])
             .arg(&model_path)
-            .args([
-                "--model-id",
-                model_id,
-                "--stages",
-                &stages.to_string(),
-                "--keystore",
-            ])
+            .args(["--model-id", model_id])
+            .args(plan_args)
+            .arg("--keystore")
             .arg(owner_dir)
             .arg("--out")
             .arg(&out)
-            .stdout(Stdio::null())
-            .status()
+            .stdin(Stdio::null())
+            .output()
             .await
             .expect("run keys provision");
-        assert!(status.success(), "keys provision failed for {model_id}");
-        std::fs::read(out.join("manifest.json")).expect("manifest")
+        assert!(
+            output.status.success(),
+            "keys provision failed for {model_id}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let stages = std::fs::read_dir(&out)
+            .expect("provisioned folder")
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".shard"))
+            .count() as u32;
+        (
+            std::fs::read(out.join("manifest.json")).expect("manifest"),
+            stages,
+        )
     }
 
     /// Registers a signed model `manifest` with the broker as `owner`, under `policy`.
@@ -205,6 +242,81 @@ impl Cluster {
         Client::connect(&self.coordinator_url, self.trust.clone())
             .await
             .expect("connect to the coordinator")
+    }
+
+    /// The coordinator's process id (from the supervisor's pid file).
+    pub fn coordinator_pid(&self) -> u32 {
+        let path = self.state.path().join("logs").join("coordinator.pid");
+        std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+            .trim()
+            .parse()
+            .expect("a pid")
+    }
+
+    /// The function processes the coordinator runs right now, read from `/proc`: the
+    /// coordinator's children, with the model and stage from their command lines.
+    pub fn function_processes(&self) -> Vec<FunctionProcess> {
+        let coordinator = self.coordinator_pid();
+        let mut out = Vec::new();
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return out;
+        };
+        for entry in entries.flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                continue;
+            };
+            // `pid (comm) state ppid ...`: comm may hold spaces, so split after the `)`.
+            let Some(after) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+                continue;
+            };
+            let mut fields = after.split_whitespace();
+            let (state, ppid) = (fields.next(), fields.next().and_then(|p| p.parse().ok()));
+            if ppid != Some(coordinator) || state == Some("Z") {
+                continue;
+            }
+            let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+                continue;
+            };
+            let args: Vec<String> = cmdline
+                .split(|&b| b == 0)
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            let value = |flag: &str| {
+                args.iter()
+                    .position(|a| a == flag)
+                    .and_then(|i| args.get(i + 1))
+                    .cloned()
+            };
+            if let (Some(model), Some(stage)) = (value("--model"), value("--stage")) {
+                out.push(FunctionProcess {
+                    pid,
+                    model,
+                    stage: stage.parse().unwrap_or(u32::MAX),
+                });
+            }
+        }
+        out
+    }
+
+    /// How many function processes serve each stage of `model` (index = stage).
+    pub fn replica_counts(&self, model: &str, stages: u32) -> Vec<usize> {
+        let running = self.function_processes();
+        (0..stages)
+            .map(|stage| {
+                running
+                    .iter()
+                    .filter(|f| f.model == model && f.stage == stage)
+                    .count()
+            })
+            .collect()
     }
 
     /// Every file under the state folder, recursively (for plaintext canary scans).

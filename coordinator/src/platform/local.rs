@@ -18,6 +18,7 @@ use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
+use super::memory::{self, MemoryLimit};
 use super::{Platform, PlatformError, Replica, StageRef};
 
 /// The line a function prints once it is ready, followed by its listening address.
@@ -34,13 +35,30 @@ pub struct LocalPlatformConfig {
     pub log_dir: PathBuf,
     /// How long a cold start may take before the replica is killed.
     pub start_timeout: Duration,
+    /// The memory every function may use, enforced by the kernel (none: unlimited).
+    pub memory_limit: Option<MemoryLimit>,
+}
+
+/// A running function process, and the cgroup confining it, if any.
+struct LocalChild {
+    child: Child,
+    cgroup: Option<PathBuf>,
+}
+
+impl LocalChild {
+    async fn stop(mut self) {
+        let _ = self.child.kill().await;
+        if let Some(cgroup) = &self.cgroup {
+            memory::release(cgroup);
+        }
+    }
 }
 
 /// Functions as child processes.
 pub struct LocalPlatform {
     config: LocalPlatformConfig,
     next_id: AtomicU64,
-    children: Mutex<HashMap<u64, Child>>,
+    children: Mutex<HashMap<u64, LocalChild>>,
 }
 
 impl LocalPlatform {
@@ -59,7 +77,7 @@ impl LocalPlatform {
             .lock()
             .ok()?
             .get(&replica.id)
-            .and_then(Child::id)
+            .and_then(|c| c.child.id())
     }
 
     /// The stderr log of a replica.
@@ -92,7 +110,11 @@ impl Platform for LocalPlatform {
         let log = std::fs::File::create(&log_path)
             .map_err(|e| Self::spawn_error(stage, format!("{}: {e}", log_path.display())))?;
 
-        let mut child = Command::new(program)
+        let mut command = Command::new(program);
+        if let Some(limit) = &self.config.memory_limit {
+            limit.prepare(&mut command);
+        }
+        let mut child = command
             .args(leading)
             .args(&self.config.common_args)
             .arg("--model")
@@ -108,6 +130,21 @@ impl Platform for LocalPlatform {
             .kill_on_drop(true)
             .spawn()
             .map_err(|e| Self::spawn_error(stage, format!("{program}: {e}")))?;
+        let cgroup = match (&self.config.memory_limit, child.id()) {
+            (Some(limit), Some(pid)) => match limit.confine(id, pid) {
+                Ok(cgroup) => cgroup,
+                Err(e) => {
+                    let _ = child.kill().await;
+                    return Err(Self::spawn_error(stage, format!("memory cgroup: {e}")));
+                }
+            },
+            _ => None,
+        };
+        let release_cgroup = |cgroup: &Option<PathBuf>| {
+            if let Some(cgroup) = cgroup {
+                memory::release(cgroup);
+            }
+        };
 
         let stdout = child
             .stdout
@@ -131,6 +168,7 @@ impl Platform for LocalPlatform {
                     .map(|s| s.to_string())
                     .unwrap_or_default();
                 let last = last_log_line(&log_path);
+                release_cgroup(&cgroup);
                 return Err(PlatformError::ColdStartFailed {
                     stage: stage.clone(),
                     reason: format!("{status}: {last}"),
@@ -138,6 +176,7 @@ impl Platform for LocalPlatform {
             }
             Err(_) => {
                 let _ = child.kill().await;
+                release_cgroup(&cgroup);
                 return Err(PlatformError::StartTimeout {
                     stage: stage.clone(),
                     seconds: self.config.start_timeout.as_secs(),
@@ -147,7 +186,7 @@ impl Platform for LocalPlatform {
         // Keep draining stdout so a chatty function never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
         if let Ok(mut children) = self.children.lock() {
-            children.insert(id, child);
+            children.insert(id, LocalChild { child, cgroup });
         }
         Ok(Replica {
             id,
@@ -162,18 +201,18 @@ impl Platform for LocalPlatform {
             .lock()
             .ok()
             .and_then(|mut c| c.remove(&replica.id));
-        if let Some(mut child) = child {
-            let _ = child.kill().await;
+        if let Some(child) = child {
+            child.stop().await;
         }
     }
 
     async fn shutdown(&self) {
-        let children: Vec<Child> = match self.children.lock() {
+        let children: Vec<LocalChild> = match self.children.lock() {
             Ok(mut c) => c.drain().map(|(_, child)| child).collect(),
             Err(_) => return,
         };
-        for mut child in children {
-            let _ = child.kill().await;
+        for child in children {
+            child.stop().await;
         }
     }
 }

@@ -9,6 +9,7 @@ use std::fmt;
 use std::net::SocketAddr;
 
 pub mod local;
+pub mod memory;
 
 use shardseal_attestation::{ModelId, StageIndex};
 
