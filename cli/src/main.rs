@@ -11,6 +11,7 @@ mod keys;
 mod keys_register;
 mod plan;
 mod provision;
+mod proxy;
 mod quoting_agent;
 mod stack;
 mod supervisor;
@@ -48,6 +49,8 @@ enum Command {
     Audit(audit::AuditArgs),
     /// Show how a model would be cut into pipeline stages.
     Plan(plan::PlanArgs),
+    /// Serve the Open Inference Protocol (KServe v2 gRPC) locally, sealing every request.
+    Proxy(proxy::ProxyArgs),
 }
 
 // `shardseal function` runs stage functions from this executable, so it wipes freed memory
@@ -83,6 +86,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::QuotingAgent(args) => quoting_agent::run(args),
         Command::Audit(args) => audit::run(args),
         Command::Plan(args) => plan::run(args),
+        Command::Proxy(args) => proxy::run(args),
     }
 }
 
