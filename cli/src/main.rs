@@ -11,6 +11,7 @@ mod keys;
 mod keys_register;
 mod plan;
 mod provision;
+mod proxy;
 mod quoting_agent;
 mod stack;
 mod supervisor;
@@ -51,6 +52,8 @@ enum Command {
     Plan(plan::PlanArgs),
     /// Report pay-per-use GB-seconds and cost per model, stage and request.
     Usage(usage::UsageArgs),
+    /// Serve the Open Inference Protocol (KServe v2 gRPC) locally, sealing every request.
+    Proxy(proxy::ProxyArgs),
 }
 
 // `shardseal function` runs stage functions from this executable, so it wipes freed memory
@@ -87,6 +90,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Audit(args) => audit::run(args),
         Command::Plan(args) => plan::run(args),
         Command::Usage(args) => usage::run(args),
+        Command::Proxy(args) => proxy::run(args),
     }
 }
 

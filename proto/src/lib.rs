@@ -9,6 +9,9 @@
 //!                      │                   ▲
 //!                      └── key broker ◄────┘ (attest, key release)
 //! ```
+//!
+//! [`oip`] is the standard Open Inference Protocol, compiled from the upstream
+//! `proto/kserve/grpc_predict_v2.proto`: `shardseal proxy` speaks it to local clients.
 #![forbid(unsafe_code)]
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
@@ -16,6 +19,14 @@
 pub mod v1 {
     #![allow(missing_docs, clippy::all, clippy::pedantic)]
     tonic::include_proto!("shardseal.v1");
+}
+
+/// The Open Inference Protocol (KServe v2 predict protocol, package `inference`),
+/// compiled from the upstream `grpc_predict_v2.proto`: what `shardseal proxy` speaks to
+/// standard clients such as `tritonclient` and `kserve`.
+pub mod oip {
+    #![allow(missing_docs, clippy::all, clippy::pedantic)]
+    tonic::include_proto!("inference");
 }
 
 pub mod tensor;
