@@ -13,10 +13,13 @@
 //!
 //! Each certificate names exactly one role, and a client always checks the role it
 //! expects (`ClientTlsConfig::domain_name`), so a function's certificate cannot pose as
-//! the broker. Functions require a client certificate: only the coordinator holds one,
-//! so nothing else on the host can call a function. The broker and coordinator accept
-//! any TLS client: the broker authenticates owners by signature and functions by
-//! attestation, and the coordinator serves data owners, whose proof is their own seal.
+//! the broker. Functions require a client certificate: only the coordinator holds one
+//! valid for client authentication (its certificate alone carries the `clientAuth`
+//! extended key usage), so nothing else on the host can call a function. The broker and
+//! coordinator accept any TLS client: the broker authenticates owners by signature and
+//! functions by attestation, and the coordinator serves data owners, whose proof is their
+//! own seal. Every server drops a peer that has not finished its handshake within
+//! [`TLS_HANDSHAKE_TIMEOUT`].
 //!
 //! The CA's private key is used once, when the folder is made, and never written:
 //! nothing can mint a new ShardSeal identity afterwards.
@@ -26,8 +29,14 @@ use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose,
+};
 use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
+
+/// How long a server waits for a client to complete its TLS handshake.
+pub const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// A role that holds a TLS identity.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -127,6 +136,16 @@ impl Pki {
             params
                 .distinguished_name
                 .push(DnType::CommonName, role.server_name());
+            // Every certificate chains to the one CA, so the extended key usage is what
+            // stops a broker's or function's key from passing as the coordinator's client
+            // identity (webpki refuses a client certificate whose EKU omits clientAuth).
+            params.extended_key_usages = match role {
+                Role::Coordinator => vec![
+                    ExtendedKeyUsagePurpose::ServerAuth,
+                    ExtendedKeyUsagePurpose::ClientAuth,
+                ],
+                Role::Broker | Role::Function => vec![ExtendedKeyUsagePurpose::ServerAuth],
+            };
             let cert = params.signed_by(&key, &issuer)?;
             write_file(
                 &staging.join(format!("{}.pem", role.file_stem())),
@@ -193,7 +212,11 @@ impl Pki {
     /// The server configuration of `role`. Functions require the coordinator's client
     /// certificate; other roles accept any TLS client.
     pub fn server_config(&self, role: Role) -> Result<ServerTlsConfig, TlsError> {
-        let config = ServerTlsConfig::new().identity(self.identity(role)?);
+        // A peer that connects and never finishes its handshake is dropped rather than
+        // holding a socket and a task forever (tonic sets no handshake timeout by default).
+        let config = ServerTlsConfig::new()
+            .identity(self.identity(role)?)
+            .timeout(TLS_HANDSHAKE_TIMEOUT);
         Ok(match role {
             Role::Function => config.client_ca_root(self.ca_certificate()?),
             Role::Broker | Role::Coordinator => config,

@@ -218,6 +218,12 @@ pub fn write_json(tensors: &[HostTensor]) -> String {
             shape: t.shape().iter().map(|&d| d as u64).collect(),
             data: match t.dtype() {
                 DType::F32 | DType::F64 => t.to_f64_lossy().into_iter().map(float_json).collect(),
+                // Not through f64, which holds integers exactly only up to 2^53.
+                DType::I64 => t
+                    .data()
+                    .chunks_exact(8)
+                    .map(|c| Value::from(i64::from_le_bytes(c.try_into().unwrap_or([0; 8]))))
+                    .collect(),
                 _ => t
                     .to_f64_lossy()
                     .into_iter()
