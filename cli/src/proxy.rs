@@ -32,7 +32,7 @@ use shardseal_proto::oip::{
     model_metadata_response::TensorMetadata,
 };
 use shardseal_sdk::{Client, MAX_MESSAGE_BYTES, Trust};
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 use tonic::{Code, Request, Response, Status};
 
 use tensors::{
@@ -85,7 +85,10 @@ async fn serve(args: ProxyArgs) -> anyhow::Result<()> {
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), crate::shutdown_signal())
+        .serve_with_incoming_shutdown(
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            crate::shutdown_signal(),
+        )
         .await
         .context("serving the Open Inference Protocol")
 }

@@ -15,7 +15,7 @@ use shardseal_proto::v1::{
     Sealed, SignedBlob,
 };
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Channel, Server};
 use tonic::{Request, Response, Status};
 
@@ -218,7 +218,13 @@ pub async fn run(
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(
+            // Nagle's algorithm off on every accepted connection: a served incoming stream
+            // ignores `Server::tcp_nodelay`, and with Nagle on each small HTTP/2 frame after
+            // a response waits for the peer's delayed ACK (about 40 ms per hop).
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            shutdown,
+        )
         .await
         .map_err(|e| Status::internal(e.to_string()))
 }

@@ -23,8 +23,8 @@ use shardseal_proto::v1::{
 };
 use tokio::net::TcpListener;
 use tokio::sync::{Mutex, Semaphore};
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
 use zeroize::Zeroize;
 
@@ -227,7 +227,10 @@ impl KeyBroker {
             .tls_config(tls)?
             .timeout(self.inner.config.request_timeout())
             .add_service(service)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+            .serve_with_incoming_shutdown(
+                TcpIncoming::from(listener).with_nodelay(Some(true)),
+                shutdown,
+            )
             .await?;
         let audit = self.inner.audit.clone();
         tokio::task::spawn_blocking(move || audit.checkpoint())
