@@ -38,6 +38,9 @@ async fn two_owners_models_are_served_at_once_and_kept_apart() {
         &[
             "--owner-key".to_owned(),
             beta_owner.verifying_key().to_hex(),
+            // One function per stage, so every key release is accounted for below.
+            "--max-replicas".to_owned(),
+            "1".to_owned(),
         ],
     )
     .await;
@@ -86,8 +89,7 @@ async fn two_owners_models_are_served_at_once_and_kept_apart() {
     assert_eq!(served, expected, "requests processed per (model, stage)");
 
     // The broker released each model's keys to that model's functions only: one release
-    // per function that cold-started for the model (replicas scale with load), covering
-    // exactly the model's stages.
+    // per stage, each to the one function that cold-started for it.
     let released = audit_show(
         &cluster.state().join("broker").join("audit"),
         "key_released",
@@ -106,6 +108,11 @@ async fn two_owners_models_are_served_at_once_and_kept_apart() {
         stages.sort_unstable();
         stages.dedup();
         assert_eq!(stages, vec![0, 1], "{model}\n{released}");
+        assert_eq!(
+            entries.len(),
+            2,
+            "{model}: one release per stage\n{released}"
+        );
         assert_eq!(
             entries.len(),
             cold_starts.get(model).copied().unwrap_or(0),
