@@ -89,18 +89,18 @@ async fn a_function_from_another_binary_gets_no_keys_and_the_request_fails_clean
 
     // The broker refused the patched measurement and released nothing.
     let audit = cluster.state().join("broker").join("audit");
-    let denied = audit_show(&audit, "attest_denied");
+    let denied = cluster.audit_show(&audit, "attest_denied");
     assert!(
         denied.contains(&patched.to_string()),
         "the denial names the patched measurement: {denied}"
     );
     assert!(denied.contains("\"mlp\""), "{denied}");
     assert_eq!(
-        audit_show(&audit, "key_released"),
+        cluster.audit_show(&audit, "key_released"),
         "",
         "no key was released"
     );
-    assert_eq!(audit_show(&audit, "attest_accepted"), "");
+    assert_eq!(cluster.audit_show(&audit, "attest_accepted"), "");
     // The function says why it stopped, in its own log.
     let logs: String = std::fs::read_dir(cluster.state().join("logs"))
         .unwrap()
@@ -110,20 +110,4 @@ async fn a_function_from_another_binary_gets_no_keys_and_the_request_fails_clean
         .collect();
     assert!(logs.contains("attestation refused"), "{logs}");
     cluster.stop().await;
-}
-
-/// `shardseal audit show DIR --kind KIND --json`, as JSON lines.
-fn audit_show(dir: &Path, kind: &str) -> String {
-    let out = std::process::Command::new(shardseal())
-        .args(["audit", "show"])
-        .arg(dir)
-        .args(["--kind", kind, "--json"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
 }

@@ -16,8 +16,10 @@
 //! - after a rotation, activations sealed to the old stage key are refused, and requests
 //!   for the old version are refused as such.
 
+use shardseal_proto::tls::Role;
 use std::path::Path;
 use std::process::Stdio;
+use tonic::transport::Endpoint;
 
 use prost::Message;
 use shardseal_function::StageEngine;
@@ -27,8 +29,6 @@ use shardseal_keys::{
     RequestId, seal_activation,
 };
 use shardseal_proto::tensor::{DType, HostTensor, TensorError};
-use shardseal_proto::tls::Role;
-use shardseal_proto::v1::coordinator_client::CoordinatorClient;
 use shardseal_proto::v1::{InferRequest, RequestHeader, TensorBundle};
 use shardseal_sdk::Error as SdkError;
 use shardseal_testkit::cluster::Cluster;
@@ -37,28 +37,9 @@ use shardseal_testkit::sealed::{inputs_for, max_abs_diff};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tonic::Code;
-use tonic::transport::{Channel, Endpoint};
 
 fn shardseal() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_shardseal"))
-}
-
-/// A coordinator connection that sends whatever it is given, as an attacker's would.
-async fn raw_coordinator(cluster: &Cluster) -> CoordinatorClient<Channel> {
-    let tls = shardseal_proto::tls::client_config_from_ca(
-        cluster.trust.ca_pem.as_bytes(),
-        Role::Coordinator,
-    );
-    let channel = Endpoint::from_shared(cluster.coordinator_url.clone())
-        .unwrap()
-        .tls_config(tls)
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    CoordinatorClient::new(channel)
-        .max_encoding_message_size(usize::MAX)
-        .max_decoding_message_size(usize::MAX)
 }
 
 /// A request whose input is `plaintext` sealed, correctly, to stage 0 of `pipeline`.
@@ -237,7 +218,7 @@ async fn bad_tensors_sealed_by_hand_are_refused_by_the_function_which_keeps_serv
     let client = cluster.client().await;
     let pipeline = client.pipeline("mlp").await.unwrap();
     let stage0 = pipeline.stage0_public_key;
-    let mut raw = raw_coordinator(&cluster).await;
+    let mut raw = cluster.raw_coordinator().await;
     let n = X_SHAPE[0] * X_SHAPE[1];
     let x = |dtype: &str, shape: &[u64], data: Vec<u8>| {
         bundle(vec![raw_tensor("x", dtype, shape, data)])
@@ -436,7 +417,7 @@ async fn oversized_messages_are_refused_and_the_services_keep_serving() {
     cluster.provision_and_register("mlp", &model, 2).await;
     let client = cluster.client().await;
     let pipeline = client.pipeline("mlp").await.unwrap();
-    let mut raw = raw_coordinator(&cluster).await;
+    let mut raw = cluster.raw_coordinator().await;
 
     // One byte over the coordinator's 256 MiB limit: refused from the length prefix,
     // before the body is buffered.
@@ -596,7 +577,7 @@ async fn activations_sealed_to_the_stage_key_of_before_a_rotation_are_refused() 
     );
     let n = X_SHAPE[0] * X_SHAPE[1];
     let plaintext = bundle(vec![raw_tensor("x", "f32", &[2, 32], f32_bytes(n, 0.5))]);
-    let mut raw = raw_coordinator(&cluster).await;
+    let mut raw = cluster.raw_coordinator().await;
     // Sealed to the old key, under the new deployment or the old one: neither opens.
     // Under the new deployment the old key does not open.
     let status = raw

@@ -11,13 +11,10 @@ use shardseal_keys::{
     ActivationContext, Direction, RecipientPrivateKey, RequestId, seal_activation,
 };
 use shardseal_proto::tensor::{HostTensor, encode_bundle};
-use shardseal_proto::tls::Role;
-use shardseal_proto::v1::coordinator_client::CoordinatorClient;
 use shardseal_proto::v1::{InferRequest, RequestHeader};
 use shardseal_testkit::cluster::Cluster;
 use shardseal_testkit::models;
 use shardseal_testkit::sealed::{inputs_for, max_abs_diff};
-use tonic::transport::Endpoint;
 
 /// The `shardseal` executable cargo built for these tests.
 fn shardseal() -> &'static Path {
@@ -91,18 +88,7 @@ async fn tampered_and_replayed_activations_are_refused_and_the_function_keeps_se
     let inputs = inputs_for(&client, "mlp", 7).await;
 
     // A raw coordinator connection, as an attacker on the client side would have.
-    let tls = shardseal_proto::tls::client_config_from_ca(
-        cluster.trust.ca_pem.as_bytes(),
-        Role::Coordinator,
-    );
-    let channel = Endpoint::from_shared(cluster.coordinator_url.clone())
-        .unwrap()
-        .tls_config(tls)
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut raw = CoordinatorClient::new(channel);
+    let mut raw = cluster.raw_coordinator().await;
     let response_key = RecipientPrivateKey::generate().unwrap();
     let request_id = RequestId::random().unwrap();
     let context = ActivationContext {

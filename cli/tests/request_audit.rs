@@ -7,13 +7,10 @@ use shardseal_keys::{
     ActivationContext, Direction, RecipientPrivateKey, RequestId, seal_activation,
 };
 use shardseal_proto::tensor::encode_bundle;
-use shardseal_proto::tls::Role;
-use shardseal_proto::v1::coordinator_client::CoordinatorClient;
 use shardseal_proto::v1::{InferRequest, RequestHeader};
 use shardseal_testkit::cluster::Cluster;
 use shardseal_testkit::models;
 use shardseal_testkit::sealed::inputs_for;
-use tonic::transport::Endpoint;
 
 fn shardseal() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_shardseal"))
@@ -41,7 +38,7 @@ async fn every_request_is_audited_with_metadata_only() {
     client.infer("mlp", vec![canary.clone()]).await.unwrap();
 
     // A request for a model nobody registered, and one whose activations were tampered.
-    let mut raw = raw_coordinator(&cluster).await;
+    let mut raw = cluster.raw_coordinator().await;
     let header = |model: &str, id: RequestId| RequestHeader {
         model_id: model.into(),
         version: pipeline.version.0,
@@ -184,19 +181,4 @@ fn audit(args: &[&str], dir: &Path) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).unwrap()
-}
-
-async fn raw_coordinator(cluster: &Cluster) -> CoordinatorClient<tonic::transport::Channel> {
-    let tls = shardseal_proto::tls::client_config_from_ca(
-        cluster.trust.ca_pem.as_bytes(),
-        Role::Coordinator,
-    );
-    let channel = Endpoint::from_shared(cluster.coordinator_url.clone())
-        .unwrap()
-        .tls_config(tls)
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    CoordinatorClient::new(channel)
 }

@@ -14,13 +14,10 @@ use shardseal_keys::{
     ActivationContext, Direction, OwnerKeyStore, RecipientPrivateKey, RequestId, seal_activation,
 };
 use shardseal_proto::tensor::encode_bundle;
-use shardseal_proto::tls::Role;
-use shardseal_proto::v1::coordinator_client::CoordinatorClient;
 use shardseal_proto::v1::{InferRequest, RequestHeader};
 use shardseal_testkit::cluster::Cluster;
 use shardseal_testkit::models;
 use shardseal_testkit::sealed::{inputs_for, max_abs_diff};
-use tonic::transport::Endpoint;
 
 fn shardseal() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_shardseal"))
@@ -90,7 +87,7 @@ async fn two_owners_models_are_served_at_once_and_kept_apart() {
 
     // The broker released each model's keys to that model's functions only: one release
     // per stage, each to the one function that cold-started for it.
-    let released = audit_show(
+    let released = cluster.audit_show(
         &cluster.state().join("broker").join("audit"),
         "key_released",
     );
@@ -137,7 +134,8 @@ async fn two_owners_models_are_served_at_once_and_kept_apart() {
         &encode_bundle(&inputs),
     )
     .unwrap();
-    let status = raw_coordinator(&cluster)
+    let status = cluster
+        .raw_coordinator()
         .await
         .infer(InferRequest {
             header: Some(RequestHeader {
@@ -225,35 +223,4 @@ fn cold_starts_by_model(logs: &Path) -> BTreeMap<String, usize> {
         }
     }
     out
-}
-
-async fn raw_coordinator(cluster: &Cluster) -> CoordinatorClient<tonic::transport::Channel> {
-    let tls = shardseal_proto::tls::client_config_from_ca(
-        cluster.trust.ca_pem.as_bytes(),
-        Role::Coordinator,
-    );
-    let channel = Endpoint::from_shared(cluster.coordinator_url.clone())
-        .unwrap()
-        .tls_config(tls)
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    CoordinatorClient::new(channel)
-}
-
-/// `shardseal audit show DIR --kind KIND --json`, as JSON lines.
-fn audit_show(dir: &Path, kind: &str) -> String {
-    let out = std::process::Command::new(shardseal())
-        .args(["audit", "show"])
-        .arg(dir)
-        .args(["--kind", kind, "--json"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
 }

@@ -24,10 +24,12 @@ use std::time::Duration;
 
 use shardseal_keys::OwnerKeyStore;
 use shardseal_keys::broker::OwnerReleasePolicy;
-use shardseal_proto::tls::Pki;
+use shardseal_proto::tls::{Pki, Role};
+use shardseal_proto::v1::coordinator_client::CoordinatorClient;
 use shardseal_sdk::{Client, Trust};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
+use tonic::transport::{Channel, Endpoint};
 
 /// A function process of a running deployment.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -235,6 +237,41 @@ impl Cluster {
         )
         .await
         .expect("register the model with the broker");
+    }
+
+    /// A coordinator connection that sends whatever it is given, as an attacker's would
+    /// (no message size limit of its own).
+    pub async fn raw_coordinator(&self) -> CoordinatorClient<Channel> {
+        let tls = shardseal_proto::tls::client_config_from_ca(
+            self.trust.ca_pem.as_bytes(),
+            Role::Coordinator,
+        );
+        let channel = Endpoint::from_shared(self.coordinator_url.clone())
+            .expect("coordinator URL")
+            .tls_config(tls)
+            .expect("coordinator TLS")
+            .connect()
+            .await
+            .expect("connect to the coordinator");
+        CoordinatorClient::new(channel)
+            .max_encoding_message_size(usize::MAX)
+            .max_decoding_message_size(usize::MAX)
+    }
+
+    /// `shardseal audit show DIR --kind KIND --json`: the matching entries as JSON lines.
+    pub fn audit_show(&self, dir: &Path, kind: &str) -> String {
+        let out = std::process::Command::new(&self.exe)
+            .args(["audit", "show"])
+            .arg(dir)
+            .args(["--kind", kind, "--json"])
+            .output()
+            .expect("run shardseal audit show");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).expect("UTF-8 JSON lines")
     }
 
     /// A client that trusts this deployment.
