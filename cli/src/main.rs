@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 mod audit;
 mod broker;
 mod coordinator;
+mod coordinator_platform;
 mod demo;
 mod infer;
 mod keys;

@@ -8,7 +8,7 @@
 //!   broker/         the broker's sealed state, identity (broker.pub) and audit log
 //!   coordinator/    the coordinator's per-request audit log (audit/) and its signing
 //!                   seed (audit.key, 0600; audit.key.pub)
-//!   store/          the shard store: MODEL/vVERSION/stage-N.shard + manifest.json
+//!   store/          the shard store: models/MODEL/vVERSION/stage-N.shard + manifest.json
 //!   owner/          a model owner's key store (demo only)
 //!   logs/           one stderr log per service and per function replica
 //!   trust.json      what a data owner pins: broker key, function measurements, CA
@@ -82,6 +82,8 @@ pub(crate) struct Stack {
     /// The function program and its leading arguments, when not this executable's
     /// `function` subcommand.
     function_command: Vec<String>,
+    /// The shard store functions read from, when not the state folder's `store/`.
+    function_store: Option<String>,
 }
 
 const START_TIMEOUT: Duration = Duration::from_secs(60);
@@ -149,6 +151,7 @@ impl Stack {
             coordinator_url: None,
             function_measurement,
             function_command: Vec::new(),
+            function_store: None,
         })
     }
 
@@ -162,6 +165,12 @@ impl Stack {
         self.function_measurement = measure_file(Path::new(program))?;
         self.function_command = command;
         Ok(())
+    }
+
+    /// Has functions read their shards from `store` (a folder or an `s3://` URL) instead of
+    /// the state folder's `store/`.
+    pub(crate) fn use_store(&mut self, store: String) {
+        self.function_store = Some(store);
     }
 
     /// Starts the coordinator, serving `deployments` (model id, stage count).
@@ -183,7 +192,9 @@ impl Stack {
             "--pki".into(),
             l.pki().display().to_string(),
             "--store".into(),
-            l.store().display().to_string(),
+            self.function_store
+                .clone()
+                .unwrap_or_else(|| l.store().display().to_string()),
             "--agent-socket".into(),
             l.agent_socket().display().to_string(),
             "--log-dir".into(),

@@ -297,7 +297,7 @@ impl Router {
                 tracing::error!(error = %e, "function cold start failed");
                 Status::unavailable(format!("could not start a function for {}", pool.stage))
             })?;
-        let endpoint = Endpoint::from_shared(format!("https://{}", replica.addr))
+        let endpoint = Endpoint::from_shared(replica.endpoint.clone())
             .and_then(|e| e.tls_config(self.tls.clone()))
             .map_err(|e| Status::internal(format!("function endpoint: {e}")))?;
         let channel = endpoint.connect_lazy();

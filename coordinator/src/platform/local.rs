@@ -152,7 +152,7 @@ impl Platform for LocalPlatform {
         Ok(Replica {
             id,
             stage: stage.clone(),
-            addr,
+            endpoint: format!("https://{addr}"),
         })
     }
 
