@@ -1,4 +1,5 @@
-//! `shardseal coordinator`: the router and the local serverless platform.
+//! `shardseal coordinator`: the router and the serverless platform (local processes, or
+//! static endpoints such as Knative Services).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -12,6 +13,7 @@ use shardseal_audit::{
 };
 use shardseal_coordinator::autoscale::ScalingPolicy;
 use shardseal_coordinator::billing::UsageLog;
+use shardseal_coordinator::platform::Platform;
 use shardseal_coordinator::platform::local::{LocalPlatform, LocalPlatformConfig};
 use shardseal_coordinator::platform::memory::MemoryLimit;
 use shardseal_coordinator::router::{Router, RouterConfig};
@@ -42,12 +44,15 @@ pub(crate) struct CoordinatorArgs {
     /// The PKI folder (made by `shardseal up`).
     #[arg(long)]
     pki: PathBuf,
-    /// The shard store folder functions read from.
+    /// The shard store functions read from, passed to them: a folder or an s3:// URL
+    /// (required with --platform local).
+    #[arg(long, value_name = "DIR|s3://BUCKET?...")]
+    store: Option<String>,
+    /// The quoting agent's socket, passed to functions (required with --platform local).
     #[arg(long)]
-    store: PathBuf,
-    /// The quoting agent's socket, passed to functions.
-    #[arg(long)]
-    agent_socket: PathBuf,
+    agent_socket: Option<PathBuf>,
+    #[command(flatten)]
+    platform: crate::coordinator_platform::PlatformArgs,
     /// A model to serve and its stage count, as MODEL=STAGES (repeatable).
     #[arg(long = "deploy", value_name = "MODEL=STAGES")]
     deployments: Vec<String>,
@@ -100,25 +105,6 @@ async fn serve(args: CoordinatorArgs) -> anyhow::Result<()> {
         deployments.push((ModelId::new(model)?, stages));
     }
     let pki = Pki::open(&args.pki).context("PKI")?;
-    let command = if args.function_command.is_empty() {
-        let exe = std::env::current_exe().context("locating this executable")?;
-        vec![exe.display().to_string(), "function".to_owned()]
-    } else {
-        args.function_command.clone()
-    };
-    let mut common_args = vec![
-        "--broker".to_owned(),
-        args.broker.clone(),
-        "--pki".to_owned(),
-        args.pki.display().to_string(),
-        "--store".to_owned(),
-        args.store.display().to_string(),
-        "--agent-socket".to_owned(),
-        args.agent_socket.display().to_string(),
-    ];
-    if let Some(key) = &args.broker_key {
-        common_args.extend(["--broker-key".to_owned(), key.clone()]);
-    }
     let scaling = args.scaling.policy()?;
     let memory_limit = args.scaling.memory_limit()?;
     if let Some(limit) = &memory_limit {
@@ -127,13 +113,17 @@ async fn serve(args: CoordinatorArgs) -> anyhow::Result<()> {
     let function_memory_mb = memory_limit
         .as_ref()
         .map_or(DEFAULT_BILLED_MEMORY_MB, |l| l.bytes().div_ceil(1 << 20));
-    let platform = Arc::new(LocalPlatform::new(LocalPlatformConfig {
-        command,
-        common_args,
-        log_dir: args.log_dir.clone(),
-        start_timeout: Duration::from_secs(120),
-        memory_limit,
-    }));
+    let platform: Arc<dyn Platform> = if args.platform.is_static() {
+        if memory_limit.is_some() {
+            bail!(
+                "--memory-limit applies to --platform local; a static platform's functions have their limits set where they run (the Knative Service's resources)"
+            );
+        }
+        args.platform.static_platform(&pki, &deployments)?
+    } else {
+        args.platform.check_local()?;
+        local_platform(&args, memory_limit)?
+    };
     let broker_tls = pki.client_config(Role::Broker, None)?;
     let broker = KeyBrokerClient::new(
         Endpoint::from_shared(args.broker.clone())?
@@ -313,6 +303,42 @@ fn parse_optional_duration(text: &str) -> Result<OptionalDuration, String> {
         "never" | "off" => Ok(OptionalDuration(None)),
         t => parse_duration(t).map(|d| OptionalDuration(Some(d))),
     }
+}
+
+/// The local platform: functions as child processes of this coordinator.
+fn local_platform(
+    args: &CoordinatorArgs,
+    memory_limit: Option<MemoryLimit>,
+) -> anyhow::Result<Arc<dyn Platform>> {
+    let (Some(store), Some(agent_socket)) = (&args.store, &args.agent_socket) else {
+        bail!("--platform local needs --store and --agent-socket, which it passes to functions");
+    };
+    let command = if args.function_command.is_empty() {
+        let exe = std::env::current_exe().context("locating this executable")?;
+        vec![exe.display().to_string(), "function".to_owned()]
+    } else {
+        args.function_command.clone()
+    };
+    let mut common_args = vec![
+        "--broker".to_owned(),
+        args.broker.clone(),
+        "--pki".to_owned(),
+        args.pki.display().to_string(),
+        "--store".to_owned(),
+        store.clone(),
+        "--agent-socket".to_owned(),
+        agent_socket.display().to_string(),
+    ];
+    if let Some(key) = &args.broker_key {
+        common_args.extend(["--broker-key".to_owned(), key.clone()]);
+    }
+    Ok(Arc::new(LocalPlatform::new(LocalPlatformConfig {
+        command,
+        common_args,
+        log_dir: args.log_dir.clone(),
+        start_timeout: Duration::from_secs(120),
+        memory_limit,
+    })))
 }
 
 /// Per-request entries are many and each is metadata only: they are written (so a crash of

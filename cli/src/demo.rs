@@ -136,8 +136,10 @@ async fn demo(args: &DemoArgs) -> anyhow::Result<DemoReport> {
     say("1/5 provisioning: plan, encrypt each shard, sign the manifest");
     let owner = OwnerKeyStore::init(&layout.owner()).context("creating the owner's key store")?;
     let version = ModelVersion(1);
+    // The store's layout (shardseal_store::StoreKey): models/MODEL/vVERSION/.
     let out = layout
         .store()
+        .join("models")
         .join(model_id.as_str())
         .join(format!("v{}", version.0));
     let provisioned = provision(ProvisionRequest {

@@ -47,8 +47,13 @@ pub(crate) struct ProvisionArgs {
     #[arg(long)]
     keystore: PathBuf,
     /// Where to write the encrypted shards and the signed manifest (must not exist).
-    #[arg(long)]
-    out: PathBuf,
+    #[arg(long, required_unless_present = "store", conflicts_with = "store")]
+    out: Option<PathBuf>,
+    /// Upload the encrypted shards and the signed manifest to this shard store instead: a
+    /// folder or `s3://BUCKET?endpoint=URL&region=R` (credentials from AWS_ACCESS_KEY_ID
+    /// and AWS_SECRET_ACCESS_KEY). Objects go to models/MODEL/vVERSION/.
+    #[arg(long, value_name = "DIR|s3://BUCKET?...")]
+    store: Option<String>,
 }
 
 pub(crate) fn run(command: KeysCommand) -> anyhow::Result<()> {
@@ -80,6 +85,19 @@ fn run_provision(args: ProvisionArgs) -> anyhow::Result<()> {
             ModelId::new(stem).context("the file name is not a valid model id; pass --model-id")?
         }
     };
+    let version = ModelVersion(args.version);
+    // With --store, provision into a private temporary folder (ciphertext only), then upload.
+    let upload_to = match &args.store {
+        Some(url) => Some(crate::provision::StoreTarget::open(
+            url, &model_id, version,
+        )?),
+        None => None,
+    };
+    let out = match (&upload_to, &args.out) {
+        (Some(target), _) => target.staging_dir(),
+        (None, Some(out)) => out.clone(),
+        (None, None) => anyhow::bail!("give --out DIR or --store URL"),
+    };
     let bytes =
         std::fs::read(&args.model).with_context(|| format!("reading {}", args.model.display()))?;
     let store = OwnerKeyStore::open(&args.keystore)
@@ -87,20 +105,23 @@ fn run_provision(args: ProvisionArgs) -> anyhow::Result<()> {
     let provisioned = provision(ProvisionRequest {
         model_bytes: &bytes,
         model_id: model_id.clone(),
-        version: ModelVersion(args.version),
+        version,
         options: args.plan.options()?,
-        out_dir: &args.out,
+        out_dir: &out,
         key_store: &store,
         show_progress: true,
     })
     .with_context(|| format!("provisioning {}", args.model.display()))?;
     let m = &provisioned.manifest;
+    let destination = match &upload_to {
+        Some(target) => target.upload(&out, m)?,
+        None => out.display().to_string(),
+    };
     println!(
-        "provisioned {}@v{} in {} stage(s) to {}",
+        "provisioned {}@v{} in {} stage(s) to {destination}",
         m.model_id,
         m.version.0,
         m.stages.len(),
-        args.out.display()
     );
     for s in &m.stages {
         println!(
@@ -118,7 +139,9 @@ fn run_provision(args: ProvisionArgs) -> anyhow::Result<()> {
         provisioned.encrypt_seconds,
         plaintext as f64 / 1e6 / provisioned.encrypt_seconds.max(1e-9)
     );
-    println!("signed manifest: {}", provisioned.manifest_path.display());
+    if upload_to.is_none() {
+        println!("signed manifest: {}", provisioned.manifest_path.display());
+    }
     println!(
         "shard keys sealed in {}; register them with a broker: shardseal keys register",
         args.keystore.display()

@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 mod audit;
 mod broker;
 mod coordinator;
+mod coordinator_platform;
 mod demo;
 mod infer;
 mod keys;
@@ -38,7 +39,7 @@ enum Command {
     #[command(subcommand)]
     Keys(keys::KeysCommand),
     /// Route sealed requests; run stage functions as local processes.
-    Coordinator(coordinator::CoordinatorArgs),
+    Coordinator(Box<coordinator::CoordinatorArgs>),
     /// Run the key broker (holds shard and stage keys; releases them to attested functions).
     Broker(broker::BrokerArgs),
     /// Run one stage function (started by the coordinator's platform, not by hand).
@@ -83,7 +84,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Up(args) => up::run(args),
         Command::Infer(args) => infer::run(args),
         Command::Keys(command) => keys::run(command),
-        Command::Coordinator(args) => coordinator::run_command(args),
+        Command::Coordinator(args) => coordinator::run_command(*args),
         Command::Broker(args) => broker::run(args),
         Command::Function(args) => Ok(shardseal_function::main_with(args)?),
         Command::QuotingAgent(args) => quoting_agent::run(args),

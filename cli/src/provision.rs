@@ -213,3 +213,101 @@ impl Drop for RemoveOnDrop {
         }
     }
 }
+
+/// Uploads a provisioned folder (`provision`'s output) to a shard store under the
+/// [`StoreKey`](shardseal_store::StoreKey) layout, `models/MODEL/vVERSION/…`: every shard
+/// first, streamed from disk, then the signed manifest. A reader that finds the manifest
+/// therefore finds every shard it names. Returns the bytes uploaded.
+pub(crate) async fn upload(
+    dir: &Path,
+    manifest: &ModelManifest,
+    store: &dyn shardseal_store::ShardStore,
+) -> anyhow::Result<u64> {
+    use shardseal_store::StoreKey;
+    let prefix = StoreKey::version_prefix(&manifest.model_id, manifest.version);
+    let mut uploaded = 0u64;
+    for stage in &manifest.stages {
+        let key = StoreKey::new(format!("{prefix}/{}", stage.shard_file))
+            .with_context(|| format!("stage {} shard name", stage.index.0))?;
+        uploaded += store
+            .put_file(&key, &dir.join(&stage.shard_file))
+            .await
+            .with_context(|| format!("uploading {key}"))?;
+    }
+    let key = StoreKey::manifest(&manifest.model_id, manifest.version);
+    uploaded += store
+        .put_file(&key, &dir.join(MANIFEST_FILE))
+        .await
+        .with_context(|| format!("uploading {key}"))?;
+    Ok(uploaded)
+}
+
+/// `shardseal keys provision --store URL`: a shard store to upload one model version to, and
+/// the private temporary folder the version is provisioned into first.
+pub(crate) struct StoreTarget {
+    store: std::sync::Arc<dyn shardseal_store::ShardStore>,
+    /// What the output names: the folder, or `s3://BUCKET`; never a credential.
+    label: String,
+    staging: tempfile::TempDir,
+    version: ModelVersion,
+    runtime: tokio::runtime::Runtime,
+}
+
+impl StoreTarget {
+    /// Opens the store `url` and checks that it holds no manifest of `model`@`version` yet:
+    /// provisioning never overwrites, in a store as in a folder.
+    pub(crate) fn open(url: &str, model: &ModelId, version: ModelVersion) -> anyhow::Result<Self> {
+        use shardseal_store::{Error as StoreError, StoreConfig, StoreKey};
+        let config = StoreConfig::from_url(url).context("--store")?;
+        let label = match &config {
+            StoreConfig::S3 { bucket, .. } => format!("s3://{bucket}"),
+            StoreConfig::Local { dir } => dir.display().to_string(),
+        };
+        let store = config.open().context("opening the shard store")?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let manifest = StoreKey::manifest(model, version);
+        match runtime.block_on(store.size(&manifest)) {
+            Err(StoreError::NotFound { .. }) => {}
+            Ok(_) => bail!(
+                "{label} already holds {manifest}; provisioning never overwrites (choose a new --version)"
+            ),
+            Err(e) => return Err(e).context(format!("checking {label} for {manifest}")),
+        }
+        let staging = tempfile::Builder::new()
+            .prefix("shardseal-provision-")
+            .tempdir()
+            .context("creating a temporary folder")?;
+        Ok(Self {
+            store,
+            label,
+            staging,
+            version,
+            runtime,
+        })
+    }
+
+    /// Where `provision` writes the version before it is uploaded (inside the private
+    /// temporary folder, which is removed when this target is dropped).
+    pub(crate) fn staging_dir(&self) -> PathBuf {
+        self.staging.path().join(format!("v{}", self.version.0))
+    }
+
+    /// Uploads what `provision` wrote to [`staging_dir`](Self::staging_dir) and returns a
+    /// description of where it went.
+    pub(crate) fn upload(&self, dir: &Path, manifest: &ModelManifest) -> anyhow::Result<String> {
+        let prefix =
+            shardseal_store::StoreKey::version_prefix(&manifest.model_id, manifest.version);
+        self.runtime
+            .block_on(upload(dir, manifest, self.store.as_ref()))
+            .with_context(|| {
+                format!(
+                    "uploading to {}; the shard keys of v{} are already in the key store, so \
+                     provision again with a new --version",
+                    self.label, manifest.version.0
+                )
+            })?;
+        Ok(format!("{}/{prefix}/", self.label.trim_end_matches('/')))
+    }
+}

@@ -9,7 +9,7 @@
 //!   coordinator/    the coordinator's per-request audit log (audit/) and its signing
 //!                   seed (audit.key, 0600; audit.key.pub); usage.jsonl, one billing
 //!                   record per function invocation (`shardseal usage`)
-//!   store/          the shard store: MODEL/vVERSION/stage-N.shard + manifest.json
+//!   store/          the shard store: models/MODEL/vVERSION/stage-N.shard + manifest.json
 //!   owner/          a model owner's key store (demo only)
 //!   logs/           one stderr log per service and per function replica
 //!   trust.json      what a data owner pins: broker key, function measurements, CA
@@ -88,6 +88,8 @@ pub(crate) struct Stack {
     function_command: Vec<String>,
     /// More `shardseal coordinator` arguments (scaling, memory limit).
     coordinator_args: Vec<String>,
+    /// The shard store functions read from, when not the state folder's `store/`.
+    function_store: Option<String>,
 }
 
 const START_TIMEOUT: Duration = Duration::from_secs(60);
@@ -156,6 +158,7 @@ impl Stack {
             function_measurement,
             function_command: Vec::new(),
             coordinator_args: Vec::new(),
+            function_store: None,
         })
     }
 
@@ -174,6 +177,12 @@ impl Stack {
         self.function_measurement = measure_file(Path::new(program))?;
         self.function_command = command;
         Ok(())
+    }
+
+    /// Has functions read their shards from `store` (a folder or an `s3://` URL) instead of
+    /// the state folder's `store/`.
+    pub(crate) fn use_store(&mut self, store: String) {
+        self.function_store = Some(store);
     }
 
     /// Starts the coordinator, serving `deployments` (model id, stage count).
@@ -195,7 +204,9 @@ impl Stack {
             "--pki".into(),
             l.pki().display().to_string(),
             "--store".into(),
-            l.store().display().to_string(),
+            self.function_store
+                .clone()
+                .unwrap_or_else(|| l.store().display().to_string()),
             "--agent-socket".into(),
             l.agent_socket().display().to_string(),
             "--log-dir".into(),

@@ -41,6 +41,11 @@ pub(crate) struct UpArgs {
     /// every argument after it.
     #[arg(long, num_args = 1.., value_name = "PROGRAM [ARGS]")]
     function_command: Vec<String>,
+    /// The shard store functions read from (default STATE/store): a folder, or
+    /// `s3://BUCKET?endpoint=URL&region=R` with the credentials in AWS_ACCESS_KEY_ID and
+    /// AWS_SECRET_ACCESS_KEY, which functions inherit.
+    #[arg(long, value_name = "DIR|s3://BUCKET?...")]
+    store: Option<String>,
 }
 
 pub(crate) fn run(args: UpArgs) -> anyhow::Result<()> {
@@ -80,6 +85,9 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
             stack.use_function_command(args.function_command.clone())?;
         }
         stack.add_coordinator_args(args.scaling.to_args());
+        if let Some(store) = &args.store {
+            stack.use_store(store.clone());
+        }
         let url = stack
             .start_coordinator(&args.listen, &deployments, args.replicas)
             .await?;

@@ -532,7 +532,7 @@ async fn activations_sealed_to_the_stage_key_of_before_a_rotation_are_refused() 
     let v1 = stale_client.pipeline("mlp").await.unwrap();
 
     // The owner provisions version 2 (fresh shard keys) and rotates the broker to it.
-    let out = cluster.state().join("store").join("mlp").join("v2");
+    let store = cluster.state().join("store");
     let model_path = cluster.state().join("mlp-v2.onnx");
     std::fs::write(&model_path, &model).unwrap();
     let status = tokio::process::Command::new(shardseal())
@@ -548,14 +548,21 @@ async fn activations_sealed_to_the_stage_key_of_before_a_rotation_are_refused() 
             "--keystore",
         ])
         .arg(cluster.state().join("owner"))
-        .arg("--out")
-        .arg(&out)
+        .arg("--store")
+        .arg(&store)
         .stdout(Stdio::null())
         .status()
         .await
         .unwrap();
     assert!(status.success(), "provisioning v2");
-    let manifest = std::fs::read(out.join("manifest.json")).unwrap();
+    let manifest = std::fs::read(
+        store
+            .join("models")
+            .join("mlp")
+            .join("v2")
+            .join("manifest.json"),
+    )
+    .unwrap();
     let measurement = *cluster.trust.measurements.iter().next().unwrap();
     let policy = OwnerReleasePolicy::same_for_all_stages(2, &[measurement]);
     shardseal_keys::broker::owner::rotate(

@@ -67,7 +67,12 @@ async fn six_hundred_mib_of_weights_are_served_by_functions_of_256_mib() {
         stages >= 3,
         "{stages} stages cannot fit 600 MiB in 256 MiB each"
     );
-    let shards = cluster.state().join("store").join("big").join("v1");
+    let shards = cluster
+        .state()
+        .join("store")
+        .join("models")
+        .join("big")
+        .join("v1");
     for entry in std::fs::read_dir(&shards).unwrap().flatten() {
         if entry.file_name().to_string_lossy().ends_with(".shard") {
             let size = entry.metadata().unwrap().len();

@@ -461,7 +461,7 @@ impl Router {
                     .unwrap_or_else(|p| p.into_inner()) = Some((Instant::now(), status.clone()));
                 status
             })?;
-        let endpoint = Endpoint::from_shared(format!("https://{}", replica.addr))
+        let endpoint = Endpoint::from_shared(replica.endpoint.clone())
             .and_then(|e| e.tls_config(self.tls.clone()))
             .map_err(|e| Status::internal(format!("function endpoint: {e}")))?;
         let channel = endpoint.connect_lazy();

@@ -10,8 +10,10 @@
 //! [`AttestedStage`], and it holds keys only because the broker released them.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Instant;
 
+use futures::TryStreamExt;
 use prost::Message;
 use shardseal_attestation::{ModelId, ModelVersion, Nonce, ReportData, StageIndex, request_quote};
 use shardseal_keys::{
@@ -23,7 +25,7 @@ use shardseal_proto::v1::key_broker_client::KeyBrokerClient;
 use shardseal_proto::v1::{
     AttestRequest, BrokerInfoRequest, ColdStart, KeyRelease, NonceRequest, SignedBlob,
 };
-use tokio::io::AsyncReadExt;
+use shardseal_store::{ShardStore, StoreConfig, StoreKey};
 use tonic::transport::Endpoint;
 use zeroize::Zeroizing;
 
@@ -42,8 +44,9 @@ pub struct ColdStartConfig {
     pub pki_dir: PathBuf,
     /// The quoting agent's Unix socket.
     pub agent_socket: PathBuf,
-    /// The shard store folder.
-    pub store_dir: PathBuf,
+    /// The shard store: a local folder or an S3 bucket. Its credentials (if any) are in
+    /// the config, redacted when printed.
+    pub store: StoreConfig,
     /// The broker identity key the function expects (hex), pinned by the operator.
     pub broker_key: Option<String>,
     /// The model to serve.
@@ -177,17 +180,26 @@ pub async fn cold_start(config: &ColdStartConfig) -> Result<AttestedStage, Error
         .ok_or_else(|| Error::Broker("the manifest has no entry for this stage".into()))?;
     let version = ModelVersion(release.version);
     let binding = ShardBinding::new(config.model.clone(), version, config.stage);
-    // Store layout: MODEL/vVERSION/stage-N.shard, as `shardseal keys provision` writes it.
-    let shard_path = config
-        .store_dir
-        .join(config.model.as_str())
-        .join(format!("v{}", version.0))
-        .join(&entry.shard_file);
+    // Store layout: models/MODEL/vVERSION/<shard_file>, as `shardseal keys provision`
+    // writes it. The file name comes from the signed manifest; StoreKey refuses one that
+    // would climb out of the version's folder.
+    let shard_key_path = StoreKey::new(format!(
+        "{}/{}",
+        StoreKey::version_prefix(&config.model, version),
+        entry.shard_file
+    ))
+    .map_err(|e| Error::Store(e.to_string()))?;
+    // Opening validates the configuration; an S3 store is contacted only by the download.
+    let store = config
+        .store
+        .open()
+        .map_err(|e| Error::Store(e.to_string()))?;
     let capacity = usize::try_from(entry.plaintext_size)
         .unwrap_or(0)
         .min(MAX_PREALLOCATION);
     let onnx = fetch_and_open(
-        &shard_path,
+        store,
+        &shard_key_path,
         &shard_key,
         binding,
         &entry.shard_digest,
@@ -227,31 +239,30 @@ pub async fn cold_start(config: &ColdStartConfig) -> Result<AttestedStage, Error
 /// Streams the sealed shard from the store, decrypting each chunk as it arrives, and
 /// checks the ciphertext digest from the owner-signed manifest.
 async fn fetch_and_open(
-    path: &std::path::Path,
+    store: Arc<dyn ShardStore>,
+    key_path: &StoreKey,
     key: &ShardKey,
     binding: ShardBinding,
     expected_digest: &[u8; 32],
     capacity: usize,
 ) -> Result<Zeroizing<Vec<u8>>, Error> {
-    let mut file = tokio::fs::File::open(path)
+    // The store's messages name the key and the backend, never a credential.
+    let mut ciphertext = store
+        .get_stream(key_path)
         .await
-        .map_err(|e| Error::Store(format!("{}: {e}", path.display())))?;
+        .map_err(|e| Error::Store(e.to_string()))?;
     let mut opener = ShardOpener::new(key, binding);
     let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
     // Sized up front: a growing Vec would leave copies of plaintext in freed blocks.
     let mut plaintext = Zeroizing::new(Vec::with_capacity(capacity));
-    let mut buffer = vec![0u8; 1 << 20];
-    loop {
-        let n = file
-            .read(&mut buffer)
-            .await
-            .map_err(|e| Error::Store(format!("{}: {e}", path.display())))?;
-        if n == 0 {
-            break;
-        }
-        digest.update(&buffer[..n]);
-        for chunk in opener.update(&buffer[..n]).map_err(Error::Keys)? {
-            plaintext.extend_from_slice(chunk.expose_secret());
+    while let Some(chunk) = ciphertext
+        .try_next()
+        .await
+        .map_err(|e| Error::Store(e.to_string()))?
+    {
+        digest.update(&chunk);
+        for opened in opener.update(&chunk).map_err(Error::Keys)? {
+            plaintext.extend_from_slice(opened.expose_secret());
         }
     }
     opener.finish().map_err(Error::Keys)?;

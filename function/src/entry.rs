@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use shardseal_attestation::{ModelId, StageIndex};
 use shardseal_proto::tls::Pki;
+use shardseal_store::StoreConfig;
 
 use crate::Error;
 use crate::cold_start::{ColdStartConfig, cold_start};
@@ -29,9 +30,11 @@ pub struct FunctionArgs {
     /// The quoting agent's Unix socket.
     #[arg(long)]
     pub agent_socket: PathBuf,
-    /// The shard store folder.
-    #[arg(long)]
-    pub store: PathBuf,
+    /// The shard store: a folder, or `s3://BUCKET?endpoint=URL&region=R` with the
+    /// credentials in AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (never on the command
+    /// line, never logged).
+    #[arg(long, value_name = "DIR|s3://BUCKET?...")]
+    pub store: String,
     /// The model to serve.
     #[arg(long)]
     pub model: String,
@@ -41,6 +44,11 @@ pub struct FunctionArgs {
     /// Where to listen.
     #[arg(long, default_value = "127.0.0.1:0")]
     pub listen: String,
+    /// DANGER: serve plaintext h2c instead of mTLS, on a loopback --listen address only, for
+    /// a proxy in the same pod that terminates transport security (Knative's queue-proxy).
+    /// See `shardseal_function::danger`.
+    #[arg(long)]
+    pub danger_h2c_loopback: bool,
 }
 
 /// Runs a function until SIGTERM or Ctrl-C.
@@ -53,12 +61,27 @@ pub fn main_with(args: FunctionArgs) -> Result<(), Error> {
 }
 
 async fn serve(args: FunctionArgs) -> Result<(), Error> {
+    // Checked before the cold start, so a function that would refuse to serve never asks
+    // for keys.
+    if args.danger_h2c_loopback
+        && !args
+            .listen
+            .parse::<std::net::SocketAddr>()
+            .is_ok_and(|addr| addr.ip().is_loopback())
+    {
+        return Err(Error::Config(format!(
+            "--danger-h2c-loopback serves on a loopback address only; --listen {} is not one",
+            args.listen
+        )));
+    }
     let model = ModelId::new(args.model).map_err(|e| Error::Config(e.to_string()))?;
+    // The store's configuration errors name the setting, never the URL's text or a key.
+    let store = StoreConfig::from_url(&args.store).map_err(|e| Error::Config(e.to_string()))?;
     let config = ColdStartConfig {
         broker_url: args.broker,
         pki_dir: args.pki.clone(),
         agent_socket: args.agent_socket,
-        store_dir: args.store,
+        store,
         broker_key: args.broker_key,
         model,
         stage: StageIndex(args.stage),
@@ -78,6 +101,14 @@ async fn serve(args: FunctionArgs) -> Result<(), Error> {
         .local_addr()
         .map_err(|e| Error::Config(format!("listen: {e}")))?;
     println!("{READY_MARKER} {addr}");
+    if args.danger_h2c_loopback {
+        return crate::danger::serve_h2c_on_loopback(
+            listener,
+            StageService::new(stage),
+            shutdown_signal(),
+        )
+        .await;
+    }
     run(listener, &pki, StageService::new(stage), shutdown_signal()).await
 }
 

@@ -17,6 +17,7 @@
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
 mod cold_start;
+pub mod danger;
 mod engine;
 mod entry;
 mod hardening;

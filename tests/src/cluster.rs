@@ -20,13 +20,16 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::Duration;
 
+use shardseal_attestation::ModelVersion;
 use shardseal_keys::OwnerKeyStore;
 use shardseal_keys::broker::OwnerReleasePolicy;
 use shardseal_proto::tls::{Pki, Role};
 use shardseal_proto::v1::coordinator_client::CoordinatorClient;
 use shardseal_sdk::{Client, Trust};
+use shardseal_store::{ShardStore, StoreConfig, StoreKey};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tonic::transport::{Channel, Endpoint};
@@ -55,6 +58,11 @@ pub struct Cluster {
     pub trust: Trust,
     /// The model owner of `STATE/owner`.
     pub owner: OwnerKeyStore,
+    /// The shard store provisioning writes to and functions read from: `STATE/store`, or
+    /// an `s3://` URL.
+    store_url: String,
+    /// The store's credentials, given to `shardseal up` and `keys provision` only.
+    store_env: Vec<(&'static str, String)>,
 }
 
 impl Cluster {
@@ -66,6 +74,27 @@ impl Cluster {
 
     /// Starts a deployment with extra `shardseal up` arguments.
     pub async fn start_with(exe: &Path, extra_args: &[String]) -> Self {
+        Self::launch(exe, extra_args, None, Vec::new()).await
+    }
+
+    /// Starts a deployment whose shard store is the bucket of `server`: provisioning uploads
+    /// there and functions stream their shards from there.
+    pub async fn start_with_s3(exe: &Path, server: &crate::s3::S3Server) -> Self {
+        Self::launch(
+            exe,
+            &[],
+            Some(server.store_url()),
+            server.credentials_env().to_vec(),
+        )
+        .await
+    }
+
+    async fn launch(
+        exe: &Path,
+        extra_args: &[String],
+        store_url: Option<String>,
+        store_env: Vec<(&'static str, String)>,
+    ) -> Self {
         let state = tempfile::Builder::new()
             .prefix("shardseal-e2e-")
             .tempdir()
@@ -78,6 +107,8 @@ impl Cluster {
             .arg("--listen")
             .arg("127.0.0.1:0")
             .args(extra_args)
+            .args(store_url.iter().flat_map(|url| ["--store", url.as_str()]))
+            .envs(store_env.iter().map(|(k, v)| (*k, v.as_str())))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -109,12 +140,15 @@ impl Cluster {
         let broker_url = broker_url_from_log(state.path());
         Self {
             exe: exe.to_owned(),
-            state,
             up,
             coordinator_url,
             broker_url,
             trust,
             owner,
+            store_url: store_url
+                .unwrap_or_else(|| state.path().join("store").display().to_string()),
+            store_env,
+            state,
         }
     }
 
@@ -164,8 +198,8 @@ impl Cluster {
     }
 
     /// Provisions `model` (ONNX bytes) as `model_id` v1 in `stages` stages into this
-    /// deployment's shard store with `shardseal keys provision` and the key store in
-    /// `owner_dir`; returns the signed model manifest.
+    /// deployment's shard store (`keys provision --store`, to `models/MODEL/v1/`) with the
+    /// key store in `owner_dir`; returns the signed model manifest.
     pub async fn provision(
         &self,
         owner_dir: &Path,
@@ -191,7 +225,6 @@ impl Cluster {
     ) -> (Vec<u8>, u32) {
         let model_path = self.state.path().join(format!("{model_id}.onnx"));
         std::fs::write(&model_path, model).expect("write model");
-        let out = self.state.path().join("store").join(model_id).join("v1");
         let output = Command::new(&self.exe)
             .args(["keys", "provision", "--model"])
             .arg(&model_path)
@@ -199,8 +232,8 @@ impl Cluster {
             .args(plan_args)
             .arg("--keystore")
             .arg(owner_dir)
-            .arg("--out")
-            .arg(&out)
+            .args(["--store", &self.store_url])
+            .envs(self.store_env.iter().map(|(k, v)| (*k, v.as_str())))
             .stdin(Stdio::null())
             .output()
             .await
@@ -210,15 +243,88 @@ impl Cluster {
             "keys provision failed for {model_id}: {}",
             String::from_utf8_lossy(&output.stderr)
         );
-        let stages = std::fs::read_dir(&out)
-            .expect("provisioned folder")
-            .flatten()
-            .filter(|e| e.file_name().to_string_lossy().ends_with(".shard"))
+        let model = shardseal_attestation::ModelId::new(model_id).expect("model id");
+        let store = self.store();
+        let manifest = StoreKey::manifest(&model, ModelVersion(1));
+        let manifest = store
+            .get(&manifest)
+            .await
+            .unwrap_or_else(|e| panic!("reading {manifest}: {e}"))
+            .to_vec();
+        let stages = store
+            .list(&StoreKey::version_prefix(&model, ModelVersion(1)))
+            .await
+            .expect("listing the provisioned shards")
+            .iter()
+            .filter(|key| key.as_str().ends_with(".shard"))
             .count() as u32;
-        (
-            std::fs::read(out.join("manifest.json")).expect("manifest"),
-            stages,
-        )
+        (manifest, stages)
+    }
+
+    /// The deployment's shard store, opened with its credentials.
+    pub fn store(&self) -> Arc<dyn ShardStore> {
+        StoreConfig::from_url_with_env(&self.store_url, |name| {
+            self.store_env
+                .iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| v.clone())
+        })
+        .and_then(|config| config.open())
+        .expect("open the deployment's shard store")
+    }
+
+    /// Starts a stage function by hand, outside the coordinator, with the arguments the local
+    /// platform gives it (`shardseal function --broker … --store … --model … --stage …`), as
+    /// a cluster would run it; returns once it is ready. It reads this deployment's shard
+    /// store. Killed on drop.
+    pub async fn start_function(&self, model_id: &str, stage: u32) -> ReadyProcess {
+        self.start_function_with(model_id, stage, &[]).await
+    }
+
+    /// As [`Cluster::start_function`], with extra function arguments.
+    pub async fn start_function_with(
+        &self,
+        model_id: &str,
+        stage: u32,
+        extra_args: &[&str],
+    ) -> ReadyProcess {
+        let state = self.state.path();
+        let mut command = Command::new(&self.exe);
+        command
+            .arg("function")
+            .args(["--broker", &self.broker_url])
+            .args(["--broker-key", &self.trust.broker_key.to_hex()])
+            .arg("--pki")
+            .arg(state.join("pki"))
+            .arg("--agent-socket")
+            .arg(state.join("agent").join("agent.sock"))
+            .args(["--store", &self.store_url])
+            .args(["--model", model_id, "--stage", &stage.to_string()])
+            .args(["--listen", "127.0.0.1:0"])
+            .args(extra_args)
+            .envs(self.store_env.iter().map(|(k, v)| (*k, v.as_str())));
+        ReadyProcess::start(command, &format!("function {model_id}/{stage}")).await
+    }
+
+    /// Starts another coordinator of this deployment on the static platform, routing to
+    /// `endpoints` (`MODEL/STAGE=URL`) with `extra_args`; returns once it listens. Killed
+    /// on drop.
+    pub async fn start_static_coordinator(
+        &self,
+        endpoints: &[String],
+        extra_args: &[&str],
+    ) -> ReadyProcess {
+        let mut command = Command::new(&self.exe);
+        command
+            .args(["coordinator", "--platform", "static"])
+            .args(["--listen", "127.0.0.1:0"])
+            .args(["--broker", &self.broker_url])
+            .args(["--broker-key", &self.trust.broker_key.to_hex()])
+            .arg("--pki")
+            .arg(self.state.path().join("pki"))
+            .args(endpoints.iter().flat_map(|e| ["--endpoint", e.as_str()]))
+            .args(extra_args);
+        ReadyProcess::start(command, "static coordinator").await
     }
 
     /// Registers a signed model `manifest` with the broker as `owner`, under `policy`.
@@ -414,6 +520,56 @@ impl Drop for Cluster {
                 nix::sys::signal::Signal::SIGTERM,
             );
         }
+    }
+}
+
+/// A process started by a test that announced `SHARDSEAL_READY <addr>` on its stdout; killed
+/// on drop.
+pub struct ReadyProcess {
+    child: Child,
+    /// The address it announced, `host:port`.
+    pub addr: String,
+}
+
+impl ReadyProcess {
+    async fn start(mut command: Command, what: &str) -> Self {
+        let mut child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {what}: {e}"));
+        let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+        let ready = tokio::time::timeout(Duration::from_secs(120), async {
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Some(addr) = line.strip_prefix("SHARDSEAL_READY ") {
+                    return Some(addr.trim().to_owned());
+                }
+            }
+            None
+        })
+        .await;
+        let addr = match ready {
+            Ok(Some(addr)) => addr,
+            other => {
+                let _ = child.kill().await;
+                panic!("{what} did not become ready ({other:?})");
+            }
+        };
+        // Keep draining stdout so the process never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Self { child, addr }
+    }
+
+    /// The `https://` URL of the address it announced.
+    pub fn url(&self) -> String {
+        format!("https://{}", self.addr)
+    }
+
+    /// Whether it is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
     }
 }
 

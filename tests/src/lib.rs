@@ -5,4 +5,5 @@
 pub mod canary;
 pub mod cluster;
 pub mod models;
+pub mod s3;
 pub mod sealed;

@@ -191,7 +191,7 @@ impl Platform for LocalPlatform {
         Ok(Replica {
             id,
             stage: stage.clone(),
-            addr,
+            endpoint: format!("https://{addr}"),
         })
     }
 

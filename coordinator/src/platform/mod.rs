@@ -2,14 +2,15 @@
 //!
 //! The router asks a [`Platform`] for replicas of a stage and tells it when one died; it
 //! never cares whether a replica is a child process on this machine ([`local`]) or a
-//! Knative revision on a cluster. A replica is only an address the coordinator can dial
-//! with its TLS client identity: the coordinator never learns what the function holds.
+//! Knative revision on a cluster ([`static_endpoints`], endpoints it is given). A replica is
+//! only an address the coordinator can dial with its TLS client identity: the coordinator
+//! never learns what the function holds.
 
 use std::fmt;
-use std::net::SocketAddr;
 
 pub mod local;
 pub mod memory;
+pub mod static_endpoints;
 
 use shardseal_attestation::{ModelId, StageIndex};
 
@@ -35,8 +36,10 @@ pub struct Replica {
     pub id: u64,
     /// What it serves.
     pub stage: StageRef,
-    /// Where it listens (gRPC over TLS; the coordinator's client certificate required).
-    pub addr: SocketAddr,
+    /// The URL the router dials: `https://host:port` (gRPC over TLS; the coordinator's
+    /// client certificate required), or `http://host:port` (h2c) for a function whose
+    /// transport a proxy terminates (see [`static_endpoints`]).
+    pub endpoint: String,
 }
 
 /// Why the platform could not provide a replica.
@@ -65,6 +68,20 @@ pub enum PlatformError {
         /// The stage.
         stage: StageRef,
         /// Its exit status and last log line.
+        reason: String,
+    },
+    /// The platform has no endpoint configured for the stage.
+    #[error("no endpoint is configured for {stage}")]
+    NoEndpoint {
+        /// The stage.
+        stage: StageRef,
+    },
+    /// No configured endpoint of the stage answered `Ready` for it in time.
+    #[error("no endpoint of {stage} is ready: {reason}")]
+    Unhealthy {
+        /// The stage.
+        stage: StageRef,
+        /// Each endpoint's failure (connection error, not ready, or serving another stage).
         reason: String,
     },
 }
