@@ -93,6 +93,17 @@ pub enum Error {
         /// Received type and shape.
         actual: String,
     },
+    /// A model input holds NaN or infinity, which ShardSeal refuses (see
+    /// [`HostTensor::first_non_finite`](shardseal_proto::tensor::HostTensor::first_non_finite)).
+    #[error(
+        "input {name:?} holds NaN or infinity at element {index}: only finite inputs are served"
+    )]
+    NonFiniteInput {
+        /// The tensor.
+        name: String,
+        /// The first such element, in row-major order.
+        index: usize,
+    },
     /// tract failed while running the shard.
     #[error("inference failed: {0}")]
     Inference(String),

@@ -58,6 +58,16 @@ impl StageService {
             .map_err(|_| Error::ActivationRefused)?;
         let inputs = decode_bundle(plaintext.expose_secret()).map_err(Error::Tensor)?;
         drop(plaintext);
+        if stage.stage.0 == 0 {
+            // The model's inputs, as the client sent them: the SDK refuses non-finite values
+            // before sealing, and so does the first stage for any other client.
+            if let Some((name, index)) = inputs
+                .iter()
+                .find_map(|t| t.first_non_finite().map(|i| (t.name().to_owned(), i)))
+            {
+                return Err(Error::NonFiniteInput { name, index });
+            }
+        }
         let t1 = Instant::now();
 
         let mut outputs = stage.engine.run(&inputs)?;
@@ -187,9 +197,10 @@ fn to_status(error: &Error) -> Status {
         Error::ActivationRefused => {
             Status::permission_denied("the activations do not open for this request, hop and stage")
         }
-        Error::Tensor(_) | Error::MissingInput(_) | Error::InputMismatch { .. } => {
-            Status::invalid_argument(error.to_string())
-        }
+        Error::Tensor(_)
+        | Error::MissingInput(_)
+        | Error::InputMismatch { .. }
+        | Error::NonFiniteInput { .. } => Status::invalid_argument(error.to_string()),
         Error::Keys(_) => Status::invalid_argument("malformed request keys or envelope"),
         _ => Status::internal("the stage failed to run this request"),
     }

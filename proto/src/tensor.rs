@@ -227,6 +227,23 @@ impl HostTensor {
         }
     }
 
+    /// The index of the first NaN or infinite element, if the tensor is floating point and
+    /// holds one. ShardSeal refuses such model inputs: tract's plans of a whole model and of
+    /// its stages do not propagate them alike (a fused kernel keeps a NaN that a separate
+    /// `Relu` drops), so a sealed answer for them would not be the model's answer.
+    pub fn first_non_finite(&self) -> Option<usize> {
+        let d = &self.data;
+        match self.dtype {
+            DType::F32 => d
+                .chunks_exact(4)
+                .position(|c| !f32::from_le_bytes([c[0], c[1], c[2], c[3]]).is_finite()),
+            DType::F64 => d
+                .chunks_exact(8)
+                .position(|c| !f64::from_le_bytes(c.try_into().unwrap_or([0; 8])).is_finite()),
+            DType::I64 | DType::I32 | DType::U8 => None,
+        }
+    }
+
     /// Renames the tensor (stage boundaries keep ONNX names; clients may not).
     pub fn with_name(mut self, name: impl Into<String>) -> Self {
         self.name = name.into();
@@ -318,6 +335,26 @@ mod tests {
         assert_eq!(decode_bundle(&bytes).unwrap(), vec![a.clone(), b]);
         assert_eq!(a.to_f32().unwrap()[5], 6.5);
         assert_eq!(a.to_f64_lossy()[5], 6.5);
+    }
+
+    #[test]
+    fn the_first_non_finite_element_is_found_in_float_tensors_only() {
+        let finite = HostTensor::from_f32("x", vec![3], &[f32::MAX, f32::MIN_POSITIVE, -0.0]);
+        assert_eq!(finite.unwrap().first_non_finite(), None);
+        for special in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            let t = HostTensor::from_f32("x", vec![4], &[1.0, 2.0, special, special]).unwrap();
+            assert_eq!(t.first_non_finite(), Some(2), "{special}");
+        }
+        let f64s: Vec<u8> = [0.5f64, f64::NAN]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        let t = HostTensor::new("y", DType::F64, vec![2], f64s).unwrap();
+        assert_eq!(t.first_non_finite(), Some(1));
+        // The same bytes as integers are just numbers.
+        let nan_bits = f32::NAN.to_le_bytes().repeat(2);
+        let t = HostTensor::new("ids", DType::I32, vec![2], nan_bits).unwrap();
+        assert_eq!(t.first_non_finite(), None);
     }
 
     #[test]

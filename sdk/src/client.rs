@@ -212,6 +212,13 @@ fn check_inputs(pipeline: &PipelineManifest, inputs: &[HostTensor]) -> Result<()
                 shape
             )));
         }
+        if let Some(index) = tensor.first_non_finite() {
+            return Err(Error::BadInput(format!(
+                "input {:?} holds NaN or infinity at element {index}: ShardSeal serves finite \
+                 inputs only",
+                spec.name
+            )));
+        }
     }
     if let Some(extra) = inputs
         .iter()
