@@ -214,6 +214,7 @@ impl GrpcInferenceService for OipProxy {
         &self,
         request: Request<ModelInferRequest>,
     ) -> Result<Response<ModelInferResponse>, Status> {
+        let deadline = caller_deadline(request.metadata());
         let mut request = request.into_inner();
         let pipeline = self
             .verified_pipeline(&request.model_name, &request.model_version)
@@ -221,11 +222,15 @@ impl GrpcInferenceService for OipProxy {
         check_requested_outputs(&request.outputs, &pipeline.outputs)?;
         let form = OutputForm::asked_by(&request);
         let inputs = inputs_from_request(&mut request, &pipeline.inputs)?;
-        let inference = self
-            .client
-            .infer(&request.model_name, inputs)
-            .await
-            .map_err(|e| status_from_sdk(&request.model_name, e))?;
+        let inference = match deadline {
+            Some(deadline) => {
+                self.client
+                    .infer_within(&request.model_name, inputs, deadline)
+                    .await
+            }
+            None => self.client.infer(&request.model_name, inputs).await,
+        }
+        .map_err(|e| status_from_sdk(&request.model_name, e))?;
         let response = infer_response(
             &request,
             pipeline.version.0.to_string(),
@@ -234,6 +239,27 @@ impl GrpcInferenceService for OipProxy {
         )?;
         Ok(Response::new(response))
     }
+}
+
+/// The deadline the caller set (its `grpc-timeout` header: up to 8 digits and a unit of
+/// H, M, S, m, u or n), which the sealed request inherits; `None` if absent or malformed.
+fn caller_deadline(metadata: &tonic::metadata::MetadataMap) -> Option<std::time::Duration> {
+    use std::time::Duration;
+    let value = metadata.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
 }
 
 fn tensor_metadata(specs: &[TensorSpec]) -> Vec<TensorMetadata> {
@@ -257,6 +283,24 @@ mod tests {
 
     fn addresses(text: &[&str]) -> Vec<SocketAddr> {
         text.iter().map(|a| a.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn the_callers_grpc_timeout_becomes_the_sealed_requests_deadline() {
+        use std::time::Duration;
+        let deadline = |value: &str| {
+            let mut metadata = tonic::metadata::MetadataMap::new();
+            metadata.insert("grpc-timeout", value.parse().unwrap());
+            caller_deadline(&metadata)
+        };
+        assert_eq!(deadline("1500m"), Some(Duration::from_millis(1500)));
+        assert_eq!(deadline("2S"), Some(Duration::from_secs(2)));
+        assert_eq!(deadline("3M"), Some(Duration::from_secs(180)));
+        assert_eq!(deadline("250000u"), Some(Duration::from_millis(250)));
+        for malformed in ["", "S", "123456789S", "10x", "-1S", "1.5S"] {
+            assert_eq!(deadline(malformed), None, "{malformed:?}");
+        }
+        assert_eq!(caller_deadline(&tonic::metadata::MetadataMap::new()), None);
     }
 
     #[test]

@@ -135,6 +135,17 @@ impl Client {
     /// the verified manifest before anything is sealed; only this client can open the
     /// outputs.
     pub async fn infer(&self, model: &str, inputs: Vec<HostTensor>) -> Result<Inference, Error> {
+        self.infer_within(model, inputs, self.deadline).await
+    }
+
+    /// As [`Client::infer`], with this call's own deadline instead of the client's (a proxy
+    /// passes on the deadline its caller gave).
+    pub async fn infer_within(
+        &self,
+        model: &str,
+        inputs: Vec<HostTensor>,
+        deadline: Duration,
+    ) -> Result<Inference, Error> {
         let pipeline = self.pipeline(model).await?;
         check_inputs(&pipeline, &inputs)?;
 
@@ -162,7 +173,7 @@ impl Client {
             }),
             input: Some(sealed.into()),
         });
-        request.set_timeout(self.deadline);
+        request.set_timeout(deadline);
         let reply = self
             .coordinator
             .clone()
