@@ -355,7 +355,7 @@ async fn kill_9_of_each_service_mid_stream_recovers_by_itself() {
         .filter(|l| l.contains(r#""outcome":"ok""#))
         .count();
     assert!(
-        recorded_ok >= ok + 1,
+        recorded_ok > ok,
         "{recorded_ok} ok requests in the audit log, {ok} served to the stream and 1 to mlp2"
     );
     let registered = cluster.audit_show(&state.join("broker").join("audit"), "model_registered");
