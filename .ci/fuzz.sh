@@ -15,11 +15,31 @@
 #   FUZZ_ARTIFACTS   where crashing inputs and the grown corpus go (default: a temp dir)
 #   FUZZ_KEEP_CORPUS=1  copy inputs that found new coverage back into fuzz/corpus/
 #   FUZZ_NO_BUILD=1  run the targets already built (e.g. restored from a CI cache)
-#   CARGO_TARGET_DIR honoured as usual (default fuzz/target)
+#   CARGO_TARGET_DIR honoured as usual (default fuzz/target, fuzz/target-quick with --quick)
+#
+# --quick: the smoke run CI can afford on every change. The same targets, instrumentation
+# and seed corpora, but everything compiled at opt-level 0 (a cold build of the targets
+# and their ~170 dependency crates at opt-level 2 dominates the full run) and 10 s per
+# target by default. Fewer executions per second, so it finds less than the full run;
+# it still fails on any crash, panic, timeout or OOM reached from the seeds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-seconds="${FUZZ_SECONDS:-20}"
+quick=0
+for arg in "$@"; do
+    case "$arg" in
+        --quick) quick=1 ;;
+        *) echo "fuzz.sh: unknown argument $arg (only --quick)" >&2; exit 2 ;;
+    esac
+done
+build_flags=()
+if [[ "$quick" == 1 ]]; then
+    seconds="${FUZZ_SECONDS:-10}"
+    build_flags=(--config 'profile.dev.opt-level=0' --config 'profile.dev.package."*".opt-level=0')
+    export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/fuzz/target-quick}"
+else
+    seconds="${FUZZ_SECONDS:-20}"
+fi
 host="$(rustc -vV | sed -n 's/^host: //p')"
 command -v c++ >/dev/null || { echo "fuzz.sh: a C++ compiler (c++) is needed to build libFuzzer" >&2; exit 1; }
 
@@ -38,7 +58,9 @@ targets="${FUZZ_TARGETS:-$all_targets}"
 
 if [[ "${FUZZ_NO_BUILD:-0}" != 1 ]]; then
     echo "==> building fuzz targets ($host, stable: $(rustc --version))"
-    cargo build --locked --manifest-path fuzz/Cargo.toml --target "$host" --bins
+    build_started=$(date +%s)
+    cargo build --locked --manifest-path fuzz/Cargo.toml --target "$host" --bins ${build_flags[@]+"${build_flags[@]}"}
+    echo "==> built in $(( $(date +%s) - build_started )) s"
 fi
 
 artifacts="${FUZZ_ARTIFACTS:-$(mktemp -d -t shardseal-fuzz-XXXXXX)}"

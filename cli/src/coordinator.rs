@@ -59,7 +59,8 @@ pub(crate) struct CoordinatorArgs {
     /// Replicas started per stage at deployment.
     #[arg(long, default_value_t = 1)]
     replicas: usize,
-    /// Requests in flight before new ones are refused with RESOURCE_EXHAUSTED.
+    /// Requests in flight before new ones are refused with RESOURCE_EXHAUSTED. Requests
+    /// waiting for a stage to scale from zero count too, so that wait is bounded.
     #[arg(long, default_value_t = 256)]
     max_in_flight: usize,
     /// Folder for function logs.

@@ -11,7 +11,9 @@
 //!                   record per function invocation (`shardseal usage`)
 //!   store/          the shard store: models/MODEL/vVERSION/stage-N.shard + manifest.json
 //!   owner/          a model owner's key store (demo only)
-//!   logs/           one stderr log per service and per function replica
+//!   logs/           one stderr log per service and per function replica, and the
+//!                   pid of each service (SERVICE.pid)
+//!   hold/           SERVICE files: services `shardseal up` must not restart
 //!   trust.json      what a data owner pins: broker key, function measurements, CA
 //! ```
 
@@ -68,6 +70,11 @@ impl Layout {
     pub(crate) fn usage_log(&self) -> PathBuf {
         self.root.join("coordinator").join("usage.jsonl")
     }
+    /// Services held down: while `hold/<service>` exists, `shardseal up` does not restart
+    /// that service if it stops.
+    pub(crate) fn hold(&self) -> PathBuf {
+        self.root.join("hold")
+    }
     pub(crate) fn trust_file(&self) -> PathBuf {
         self.root.join("trust.json")
     }
@@ -109,7 +116,7 @@ impl Stack {
             std::os::unix::fs::PermissionsExt::from_mode(0o700),
         )?;
         let pki = Pki::open_or_create(&layout.pki()).context("creating the local PKI")?;
-        let mut supervisor = Supervisor::new(&layout.logs())?;
+        let mut supervisor = Supervisor::new(&layout.logs(), &layout.hold())?;
 
         supervisor
             .start(

@@ -10,7 +10,7 @@ use crate::shutdown_signal;
 use crate::stack::{Layout, Stack};
 
 /// Start the quoting agent, key broker and coordinator as separate processes under one
-/// supervisor; Ctrl-C stops them all.
+/// supervisor, which restarts any that dies on the address it had; Ctrl-C stops them all.
 #[derive(Debug, clap::Args)]
 #[command(
     after_help = "Example:\n  shardseal up --state state --deploy resnet=2\n\nThen, as a data owner:\n  shardseal infer --state state --model resnet --input x.npy --output y.npy"
@@ -32,6 +32,10 @@ pub(crate) struct UpArgs {
     /// Replicas started per stage.
     #[arg(long, default_value_t = 1)]
     replicas: usize,
+    /// Requests the coordinator holds at once (routing, or waiting for a stage to scale
+    /// from zero); more are refused with RESOURCE_EXHAUSTED.
+    #[arg(long, default_value_t = 256)]
+    max_in_flight: usize,
     /// Replica scaling and function memory.
     #[command(flatten)]
     scaling: crate::coordinator::ScalingArgs,
@@ -85,6 +89,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
             stack.use_function_command(args.function_command.clone())?;
         }
         stack.add_coordinator_args(args.scaling.to_args());
+        stack.add_coordinator_args(["--max-in-flight".to_owned(), args.max_in_flight.to_string()]);
         if let Some(store) = &args.store {
             stack.use_store(store.clone());
         }
@@ -117,10 +122,12 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     // For scripts and tests that start `shardseal up` and wait for it.
     println!("SHARDSEAL_READY {url}");
 
+    // A service that dies is restarted on the same address (see `supervisor`); only a
+    // supervisor that cannot restart anything at all gives up.
     let watch = async {
         loop {
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            if let Err(e) = stack.supervisor.check() {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            if let Err(e) = stack.supervisor.restart_exited().await {
                 return e;
             }
         }

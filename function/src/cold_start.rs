@@ -11,11 +11,13 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use futures::TryStreamExt;
 use prost::Message;
-use shardseal_attestation::{ModelId, ModelVersion, Nonce, ReportData, StageIndex, request_quote};
+use shardseal_attestation::{
+    AttestationError, ModelId, ModelVersion, Nonce, ReportData, StageIndex, request_quote,
+};
 use shardseal_keys::{
     KeyReleaseContext, ModelManifest, RecipientPrivateKey, RecipientPublicKey, Sealed,
     ShardBinding, ShardKey, ShardOpener, SignedManifest, open_key_release,
@@ -23,10 +25,11 @@ use shardseal_keys::{
 use shardseal_proto::tls::{Pki, Role};
 use shardseal_proto::v1::key_broker_client::KeyBrokerClient;
 use shardseal_proto::v1::{
-    AttestRequest, BrokerInfoRequest, ColdStart, KeyRelease, NonceRequest, SignedBlob,
+    AttestRequest, AttestResponse, BrokerInfoRequest, ColdStart, KeyRelease, NonceRequest,
+    SignedBlob,
 };
 use shardseal_store::{ShardStore, StoreConfig, StoreKey};
-use tonic::transport::Endpoint;
+use tonic::transport::{ClientTlsConfig, Endpoint};
 use zeroize::Zeroizing;
 
 use crate::{Error, StageEngine, harden_process};
@@ -90,56 +93,12 @@ pub async fn cold_start(config: &ColdStartConfig) -> Result<AttestedStage, Error
     let tls = pki
         .client_config(Role::Broker, None)
         .map_err(|e| Error::Config(e.to_string()))?;
-    let channel = Endpoint::from_shared(config.broker_url.clone())
-        .and_then(|e| e.tls_config(tls))
-        .map_err(|e| Error::Config(format!("broker URL: {e}")))?
-        .connect()
-        .await
-        .map_err(|e| Error::Broker(format!("connect: {e}")))?;
-    let mut broker = KeyBrokerClient::new(channel);
-
-    let info = broker
-        .get_broker_info(BrokerInfoRequest {})
-        .await
-        .map_err(|s| Error::Broker(s.message().to_owned()))?
-        .into_inner();
-    let broker_id = hex::encode(&info.identity_key);
-    if let Some(pinned) = &config.broker_key
-        && !pinned.eq_ignore_ascii_case(&broker_id)
-    {
-        return Err(Error::Broker(
-            "the broker's identity key is not the pinned one".into(),
-        ));
-    }
-
-    let ephemeral = RecipientPrivateKey::generate().map_err(Error::Keys)?;
-    let ephemeral_public = ephemeral.public_key();
-    let nonce_reply = broker
-        .get_nonce(NonceRequest {})
-        .await
-        .map_err(|s| Error::Broker(s.message().to_owned()))?
-        .into_inner();
-    let nonce_bytes: [u8; 32] = nonce_reply
-        .nonce
-        .as_slice()
-        .try_into()
-        .map_err(|_| Error::Broker("nonce is not 32 bytes".into()))?;
-    let nonce = Nonce::from_bytes(nonce_bytes);
-    let report_data = ReportData::bind(ephemeral_public.as_bytes(), &nonce);
-    let evidence = request_quote(&config.agent_socket, &report_data)
-        .await
-        .map_err(|e| Error::Attestation(e.to_string()))?;
-    let reply = broker
-        .attest(AttestRequest {
-            evidence: evidence.to_bytes(),
-            nonce: nonce_bytes.to_vec(),
-            ephemeral_key: ephemeral_public.as_bytes().to_vec(),
-            model_id: config.model.to_string(),
-            stage: config.stage.0,
-        })
-        .await
-        .map_err(|s| Error::AttestationRefused(format!("{:?}: {}", s.code(), s.message())))?
-        .into_inner();
+    let Attested {
+        reply,
+        ephemeral,
+        nonce,
+        broker_id,
+    } = attest_retrying(config, &tls).await?;
     let attested_at = Instant::now();
 
     let sealed = reply
@@ -233,6 +192,178 @@ pub async fn cold_start(config: &ColdStartConfig) -> Result<AttestedStage, Error
             total_ms: ms(started, loaded_at),
             shard_bytes,
         },
+    })
+}
+
+/// How long a cold start keeps trying a key broker or quoting agent it cannot reach (one
+/// being restarted, say): under the local platform's 120 s start timeout.
+const UNREACHABLE_RETRY_LIMIT: Duration = Duration::from_secs(90);
+/// The first and the longest pause between two tries.
+const FIRST_RETRY_PAUSE: Duration = Duration::from_millis(200);
+const MAX_RETRY_PAUSE: Duration = Duration::from_secs(5);
+
+/// What a successful attestation leaves: the broker's reply and what opens it.
+struct Attested {
+    reply: AttestResponse,
+    ephemeral: RecipientPrivateKey,
+    nonce: Nonce,
+    broker_id: String,
+}
+
+/// Why one attestation attempt failed: worth another try (nothing answered, or the
+/// broker said to retry), or final (a refusal, a wrong broker, a bad setting).
+enum AttemptFailed {
+    Unreachable(Error),
+    Final(Error),
+}
+
+/// Attests, trying again with exponential backoff (logged) while the broker or the
+/// quoting agent is unreachable, for at most [`UNREACHABLE_RETRY_LIMIT`]. Keys come only
+/// from a successful attestation: a function that never reaches the broker never serves.
+async fn attest_retrying(
+    config: &ColdStartConfig,
+    tls: &ClientTlsConfig,
+) -> Result<Attested, Error> {
+    let began = Instant::now();
+    let mut pause = FIRST_RETRY_PAUSE;
+    let mut attempt = 1u32;
+    loop {
+        match attest_once(config, tls.clone()).await {
+            Ok(attested) => {
+                if attempt > 1 {
+                    tracing::info!(
+                        attempt,
+                        "attested after the key broker or quoting agent came back"
+                    );
+                }
+                return Ok(attested);
+            }
+            Err(AttemptFailed::Unreachable(error))
+                if began.elapsed() + pause < UNREACHABLE_RETRY_LIMIT =>
+            {
+                tracing::warn!(
+                    attempt,
+                    retry_in_ms = pause.as_millis() as u64,
+                    error = %error,
+                    "key broker or quoting agent unreachable; retrying"
+                );
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(MAX_RETRY_PAUSE);
+                attempt += 1;
+            }
+            Err(AttemptFailed::Unreachable(error) | AttemptFailed::Final(error)) => {
+                return Err(error);
+            }
+        }
+    }
+}
+
+/// Codes a broker (or the transport to it) answers when trying again later may work.
+fn retry_later(status: &tonic::Status) -> bool {
+    use tonic::Code;
+    matches!(
+        status.code(),
+        Code::Unavailable
+            | Code::Unknown
+            | Code::DeadlineExceeded
+            | Code::ResourceExhausted
+            | Code::Cancelled
+            | Code::Aborted
+    )
+}
+
+/// One attestation: connect, check the broker's identity, nonce, quote, attest.
+async fn attest_once(
+    config: &ColdStartConfig,
+    tls: ClientTlsConfig,
+) -> Result<Attested, AttemptFailed> {
+    use AttemptFailed::{Final, Unreachable};
+    let broker_error = |s: tonic::Status| {
+        let error = Error::Broker(s.message().to_owned());
+        if retry_later(&s) {
+            Unreachable(error)
+        } else {
+            Final(error)
+        }
+    };
+    let channel = Endpoint::from_shared(config.broker_url.clone())
+        .and_then(|e| e.tls_config(tls))
+        .map_err(|e| Final(Error::Config(format!("broker URL: {e}"))))?
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(30))
+        .connect()
+        .await
+        .map_err(|e| Unreachable(Error::Broker(format!("connect: {e}"))))?;
+    let mut broker = KeyBrokerClient::new(channel);
+
+    let info = broker
+        .get_broker_info(BrokerInfoRequest {})
+        .await
+        .map_err(broker_error)?
+        .into_inner();
+    let broker_id = hex::encode(&info.identity_key);
+    if let Some(pinned) = &config.broker_key
+        && !pinned.eq_ignore_ascii_case(&broker_id)
+    {
+        return Err(Final(Error::Broker(
+            "the broker's identity key is not the pinned one".into(),
+        )));
+    }
+
+    let ephemeral = RecipientPrivateKey::generate().map_err(|e| Final(Error::Keys(e)))?;
+    let ephemeral_public = ephemeral.public_key();
+    let nonce_reply = broker
+        .get_nonce(NonceRequest {})
+        .await
+        .map_err(broker_error)?
+        .into_inner();
+    let nonce_bytes: [u8; 32] = nonce_reply
+        .nonce
+        .as_slice()
+        .try_into()
+        .map_err(|_| Final(Error::Broker("nonce is not 32 bytes".into())))?;
+    let nonce = Nonce::from_bytes(nonce_bytes);
+    let report_data = ReportData::bind(ephemeral_public.as_bytes(), &nonce);
+    let evidence = request_quote(&config.agent_socket, &report_data)
+        .await
+        .map_err(|e| {
+            let unreachable = matches!(
+                e,
+                AttestationError::Io { .. } | AttestationError::Timeout(_)
+            );
+            let error = Error::Attestation(e.to_string());
+            if unreachable {
+                Unreachable(error)
+            } else {
+                Final(error)
+            }
+        })?;
+    let reply = broker
+        .attest(AttestRequest {
+            evidence: evidence.to_bytes(),
+            nonce: nonce_bytes.to_vec(),
+            ephemeral_key: ephemeral_public.as_bytes().to_vec(),
+            model_id: config.model.to_string(),
+            stage: config.stage.0,
+        })
+        .await
+        .map_err(|s| {
+            if retry_later(&s) {
+                Unreachable(Error::Broker(s.message().to_owned()))
+            } else {
+                Final(Error::AttestationRefused(format!(
+                    "{:?}: {}",
+                    s.code(),
+                    s.message()
+                )))
+            }
+        })?
+        .into_inner();
+    Ok(Attested {
+        reply,
+        ephemeral,
+        nonce,
+        broker_id,
     })
 }
 

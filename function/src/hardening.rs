@@ -15,6 +15,10 @@ pub fn harden_process() -> Result<(), Error> {
         .map_err(|e| Error::Hardening(format!("PR_SET_DUMPABLE: {e}")))?;
     nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_CORE, 0, 0)
         .map_err(|e| Error::Hardening(format!("RLIMIT_CORE: {e}")))?;
+    tracing::info!(
+        dumpable = is_dumpable(),
+        "process hardened: no core dump, no ptrace by peers"
+    );
     Ok(())
 }
 

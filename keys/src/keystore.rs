@@ -282,6 +282,12 @@ fn write_temp(temp: &Path, bytes: &[u8], mode: u32) -> Result<(), Error> {
             .open(temp)?;
         // The umask may have cleared bits of `mode`; set exactly what was asked.
         file.set_permissions(fs::Permissions::from_mode(mode))?;
+        #[cfg(test)]
+        if let Some(kind) = failing_writes::injected() {
+            // What a full disk does: part of the data lands, then the write fails.
+            file.write_all(&bytes[..bytes.len() / 2])?;
+            return Err(kind.into());
+        }
         file.write_all(bytes)?;
         file.sync_all()
     })();
@@ -321,6 +327,27 @@ pub fn atomic_create(path: &Path, bytes: &[u8], mode: u32) -> Result<(), Error> 
     let _ = fs::remove_file(&temp);
     linked.map_err(Error::file("create", path))?;
     sync_dir(&dir)
+}
+
+/// A test seam: makes [`atomic_write`] and [`atomic_create`] on this thread fail as a full
+/// disk or a read-only file system would, halfway through writing the temporary file.
+#[cfg(test)]
+pub(crate) mod failing_writes {
+    use std::cell::Cell;
+    use std::io::ErrorKind;
+
+    thread_local! {
+        static FAIL_WITH: Cell<Option<ErrorKind>> = const { Cell::new(None) };
+    }
+
+    /// From now on (until `None`), writes on this thread fail with `kind`.
+    pub(crate) fn set(kind: Option<ErrorKind>) {
+        FAIL_WITH.with(|f| f.set(kind));
+    }
+
+    pub(super) fn injected() -> Option<ErrorKind> {
+        FAIL_WITH.with(Cell::get)
+    }
 }
 
 #[cfg(test)]

@@ -245,6 +245,18 @@ fn check_inputs(pipeline: &PipelineManifest, inputs: &[HostTensor]) -> Result<()
 
 fn from_status(status: Status) -> Error {
     let message = status.message().to_owned();
+    // A status carrying a source error was made on this side, from a transport failure (a
+    // connection reset by a coordinator that died, say), not sent by a server: whether the
+    // request was processed is unknown, and trying again is the remedy.
+    if matches!(
+        status.code(),
+        Code::Unknown | Code::Internal | Code::Cancelled
+    ) && std::error::Error::source(&status).is_some()
+    {
+        return Error::Unavailable(format!(
+            "the connection to the coordinator failed: {message}"
+        ));
+    }
     match status.code() {
         Code::NotFound => Error::ModelUnknown(message),
         Code::DeadlineExceeded => Error::Deadline(message),

@@ -389,12 +389,83 @@ impl Cluster {
 
     /// The coordinator's process id (from the supervisor's pid file).
     pub fn coordinator_pid(&self) -> u32 {
-        let path = self.state.path().join("logs").join("coordinator.pid");
+        self.service_pid("coordinator")
+    }
+
+    /// The process id of a service of `shardseal up` (`quoting-agent`, `broker` or
+    /// `coordinator`), from the supervisor's pid file (rewritten on each restart).
+    pub fn service_pid(&self, service: &str) -> u32 {
+        let path = self
+            .state
+            .path()
+            .join("logs")
+            .join(format!("{service}.pid"));
         std::fs::read_to_string(&path)
             .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
             .trim()
             .parse()
             .expect("a pid")
+    }
+
+    /// Keeps `shardseal up` from restarting `service` if it stops (`STATE/hold/SERVICE`).
+    pub fn hold(&self, service: &str) {
+        let dir = self.state.path().join("hold");
+        std::fs::create_dir_all(&dir).expect("hold folder");
+        std::fs::write(dir.join(service), b"").expect("hold file");
+    }
+
+    /// Lets `shardseal up` restart `service` again.
+    pub fn release(&self, service: &str) {
+        std::fs::remove_file(self.state.path().join("hold").join(service)).expect("hold file");
+    }
+
+    /// Sends SIGKILL to `service` and returns its pid.
+    pub fn kill_service(&self, service: &str) -> u32 {
+        let pid = self.service_pid(service);
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap_or_else(|e| panic!("kill -9 the {service}: {e}"));
+        pid
+    }
+
+    /// Waits (up to `limit`) until `service` runs again under a pid other than `old`, and
+    /// returns the new pid.
+    pub async fn wait_for_restart(&self, service: &str, old: u32, limit: Duration) -> u32 {
+        let until = std::time::Instant::now() + limit;
+        loop {
+            let pid = self.service_pid(service);
+            if pid != old && Path::new(&format!("/proc/{pid}")).exists() {
+                return pid;
+            }
+            assert!(
+                std::time::Instant::now() < until,
+                "the {service} was not restarted within {limit:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// `shardseal audit verify DIR --key KEY`: panics unless the log verifies; returns the
+    /// report it printed.
+    pub fn audit_verify(&self, dir: &Path, key: &Path) -> String {
+        let out = std::process::Command::new(&self.exe)
+            .args(["audit", "verify"])
+            .arg(dir)
+            .arg("--key")
+            .arg(key)
+            .output()
+            .expect("run shardseal audit verify");
+        let report = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "audit verify {} failed: {}{}",
+            dir.display(),
+            report,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        report
     }
 
     /// The function processes the coordinator runs right now, read from `/proc`: the

@@ -227,8 +227,12 @@ impl BrokerError {
     /// | `ALREADY_EXISTS` | model or model version already registered |
     /// | `FAILED_PRECONDITION` | unknown, reused or expired nonce; rotation to a version not higher |
     /// | `RESOURCE_EXHAUSTED` | too many outstanding nonces, attestations or owner calls |
-    /// | `INTERNAL` | state, audit, TLS, transport or crypto failure on the broker |
+    /// | `UNAVAILABLE` | the state folder or audit log cannot be written (disk full, read-only, no permission, a file in the way), or a write failed earlier and the broker awaits a restart |
+    /// | `INTERNAL` | other state, audit, TLS, transport or crypto failures on the broker |
     pub fn code(&self) -> Code {
+        if self.storage_problem().is_some() {
+            return Code::Unavailable;
+        }
         match self {
             Self::OwnerAuthMissing
             | Self::OwnerAuthMalformed(_)
@@ -265,9 +269,50 @@ impl BrokerError {
         }
     }
 
+    /// What stops the broker from writing its state folder or audit log, in words an
+    /// operator can act on (no path, no secret), if that is what failed.
+    fn storage_problem(&self) -> Option<String> {
+        let (what, source) = match self {
+            Self::StateUnsettled => {
+                return Some(
+                    "the broker's state folder could not be written earlier; the broker must be restarted".into(),
+                );
+            }
+            Self::State(crate::Error::File { op, source, .. }) if *op != "read" => {
+                ("state folder", source)
+            }
+            Self::Audit(shardseal_audit::Error::Io { source, .. }) => ("audit log", source),
+            Self::Audit(shardseal_audit::Error::WriterBroken) => {
+                return Some(
+                    "the broker's audit log could not be written earlier; the broker must be restarted".into(),
+                );
+            }
+            _ => return None,
+        };
+        use std::io::ErrorKind;
+        let problem = match source.kind() {
+            ErrorKind::StorageFull | ErrorKind::QuotaExceeded => "its disk is full",
+            ErrorKind::ReadOnlyFilesystem => "its file system is read-only",
+            ErrorKind::PermissionDenied => "permission denied",
+            ErrorKind::AlreadyExists | ErrorKind::NotADirectory | ErrorKind::IsADirectory => {
+                "a file is in the way"
+            }
+            ErrorKind::NotFound => "a folder is missing",
+            ErrorKind::FileTooLarge => "a file size limit was reached",
+            _ => return None,
+        };
+        Some(format!(
+            "the broker cannot write its {what}: {problem}; nothing was acknowledged"
+        ))
+    }
+
     /// The status sent to the peer: the code, and a short safe message (a fixed one for
     /// internal failures, whose cause chain is logged here instead).
     pub(crate) fn to_status(&self) -> Status {
+        if let Some(problem) = self.storage_problem() {
+            tracing::error!(error = %error_chain(self), "broker storage failure");
+            return Status::unavailable(problem);
+        }
         let code = self.code();
         if code == Code::Internal {
             tracing::error!(error = %error_chain(self), "broker failure");

@@ -65,8 +65,11 @@
 //! audit entry: `kill -9` at any instant loses no acknowledged registration, and a restart
 //! serves the same keys. A version file the index does not name (the broker died between
 //! the two writes, before acknowledging) is ignored and replaced if the version is
-//! registered again. If a write fails, owner calls are refused until a restart reloads the
-//! files ([`BrokerError::StateUnsettled`]).
+//! registered again. If a write fails (disk full, read-only file system, a file in the
+//! way), the call is refused with `UNAVAILABLE` and a message naming the problem, and the
+//! broker reloads its files so memory matches them; keys registered before keep being
+//! released. Only if that reload fails too are owner calls refused until a restart
+//! ([`BrokerError::StateUnsettled`]).
 //!
 //! The replay cache of owner calls lives in memory: after a restart, a call captured in
 //! the last 5 minutes could be replayed once, which is harmless because every owner call

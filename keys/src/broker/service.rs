@@ -384,7 +384,9 @@ impl Inner {
 
     /// Runs a state write off the async workers. After a failed write the files may hold
     /// more than memory does (an index renamed into place whose folder sync failed), so
-    /// every later owner write is refused until a restart reloads the files.
+    /// the broker reloads them (each was written whole, so they hold the state of before
+    /// or after the write); if even that fails, every later owner write is refused until
+    /// a restart reloads the files.
     async fn persist(
         self: &Arc<Self>,
         write: impl FnOnce(&StateDir) -> Result<(), BrokerError> + Send + 'static,
@@ -397,8 +399,23 @@ impl Inner {
             .await
             .map_err(|e| BrokerError::TaskFailed(e.to_string()))
             .and_then(|written| written);
-        if written.is_err() {
-            self.state_unsettled.store(true, Ordering::SeqCst);
+        if let Err(error) = &written {
+            tracing::error!(error = %error_chain(error), "a state write failed; reloading the state folder");
+            let inner = Arc::clone(self);
+            let reloaded = tokio::task::spawn_blocking(move || inner.state.load()).await;
+            match reloaded {
+                Ok(Ok(loaded)) => {
+                    let models = loaded
+                        .into_iter()
+                        .map(|(index, record)| {
+                            let entry = ModelEntry::new(index, Arc::new(record), &self.config);
+                            (entry.index.model_id.clone(), Arc::new(entry))
+                        })
+                        .collect();
+                    *self.models.write().unwrap_or_else(|e| e.into_inner()) = models;
+                }
+                _ => self.state_unsettled.store(true, Ordering::SeqCst),
+            }
         }
         written
     }

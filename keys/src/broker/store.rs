@@ -614,6 +614,61 @@ mod tests {
     }
 
     #[test]
+    fn a_full_disk_or_read_only_state_folder_fails_the_write_cleanly() {
+        use crate::keystore::failing_writes;
+        use crate::signing::SigningKey;
+        let tmp = tempfile::tempdir().unwrap();
+        let (state, _) = StateDir::open(tmp.path()).unwrap();
+        state.write_index(Vec::new()).unwrap();
+        let before = fs::read(tmp.path().join(INDEX_FILE)).unwrap();
+        let entry = IndexEntry {
+            model_id: ModelId::new("m").unwrap(),
+            owner_key: SigningKey::generate().unwrap().verifying_key(),
+            current: ModelVersion(1),
+            versions: vec![ModelVersion(1)],
+            revoked: false,
+            revoked_measurements: Vec::new(),
+        };
+        for (kind, problem) in [
+            (ErrorKind::StorageFull, "its disk is full"),
+            (
+                ErrorKind::ReadOnlyFilesystem,
+                "its file system is read-only",
+            ),
+        ] {
+            failing_writes::set(Some(kind));
+            let error = state.write_index(vec![entry.clone()]).unwrap_err();
+            failing_writes::set(None);
+            assert!(
+                matches!(&error, BrokerError::State(Error::File { source, .. }) if source.kind() == kind),
+                "{error:?}"
+            );
+            // What the owner reads: the problem, no path, no secret.
+            let status = error.to_status();
+            assert_eq!(status.code(), tonic::Code::Unavailable);
+            assert_eq!(
+                status.message(),
+                format!(
+                    "the broker cannot write its state folder: {problem}; nothing was acknowledged"
+                )
+            );
+            // Nothing half-written: the index is the one of before, no temporary file is
+            // left, and the folder still loads.
+            assert_eq!(fs::read(tmp.path().join(INDEX_FILE)).unwrap(), before);
+            let leftovers: Vec<_> = fs::read_dir(tmp.path())
+                .unwrap()
+                .flatten()
+                .filter(|e| e.file_name().to_string_lossy().contains(".tmp-"))
+                .collect();
+            assert!(leftovers.is_empty(), "{leftovers:?}");
+            assert!(state.load().unwrap().is_empty());
+        }
+        // Once the disk has room again, the same write goes through.
+        state.write_index(vec![entry]).unwrap();
+        assert_ne!(fs::read(tmp.path().join(INDEX_FILE)).unwrap(), before);
+    }
+
+    #[test]
     fn a_missing_master_key_with_registered_models_is_refused() {
         let tmp = tempfile::tempdir().unwrap();
         let (state, _) = StateDir::open(tmp.path()).unwrap();
