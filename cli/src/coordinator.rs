@@ -84,6 +84,10 @@ pub(crate) struct CoordinatorArgs {
     /// is written beside it as FILE.pub, for `shardseal audit verify --key`).
     #[arg(long, requires = "audit_dir")]
     audit_key: Option<PathBuf>,
+    /// Prometheus metrics; with --platform local each function also serves its own on a
+    /// free loopback port (logged in its log as `metrics endpoint`).
+    #[command(flatten)]
+    metrics: crate::metrics::MetricsArgs,
 }
 
 pub(crate) fn run_command(args: CoordinatorArgs) -> anyhow::Result<()> {
@@ -122,7 +126,9 @@ async fn serve(args: CoordinatorArgs) -> anyhow::Result<()> {
         args.platform.static_platform(&pki, &deployments)?
     } else {
         args.platform.check_local()?;
-        local_platform(&args, memory_limit)?
+        Arc::new(shardseal_coordinator::metrics::MeteredPlatform::new(
+            local_platform(&args, memory_limit)?,
+        ))
     };
     let broker_tls = pki.client_config(Role::Broker, None)?;
     let broker = KeyBrokerClient::new(
@@ -174,6 +180,19 @@ async fn serve(args: CoordinatorArgs) -> anyhow::Result<()> {
         }
         _ => None,
     };
+    let metrics_router = router.clone();
+    args.metrics
+        .serve(
+            move || {
+                let router = metrics_router.clone();
+                async move {
+                    shardseal_coordinator::metrics::refresh_gauges(&router).await;
+                    shardseal_proto::metrics::global().render()
+                }
+            },
+            std::future::pending(),
+        )
+        .await?;
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("listening on {}", args.listen))?;
@@ -331,6 +350,11 @@ fn local_platform(
     ];
     if let Some(key) = &args.broker_key {
         common_args.extend(["--broker-key".to_owned(), key.clone()]);
+    }
+    if args.metrics.metrics_listen.is_some() {
+        // One free loopback port per function: replicas come and go, so operators read
+        // the coordinator's aggregate; a function's own endpoint is in its log.
+        common_args.extend(["--metrics-listen".to_owned(), "127.0.0.1:0".to_owned()]);
     }
     Ok(Arc::new(LocalPlatform::new(LocalPlatformConfig {
         command,

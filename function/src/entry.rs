@@ -49,6 +49,14 @@ pub struct FunctionArgs {
     /// See `shardseal_function::danger`.
     #[arg(long)]
     pub danger_h2c_loopback: bool,
+    /// Serve Prometheus metrics (GET /metrics, plain HTTP) on this IP:PORT; port 0 picks a
+    /// free port, logged as `metrics endpoint`. Off unless given; loopback only unless
+    /// --metrics-allow-remote.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<String>,
+    /// Allow --metrics-listen on a non-loopback address.
+    #[arg(long, requires = "metrics_listen")]
+    pub metrics_allow_remote: bool,
 }
 
 /// Runs a function until SIGTERM or Ctrl-C.
@@ -73,6 +81,26 @@ async fn serve(args: FunctionArgs) -> Result<(), Error> {
             "--danger-h2c-loopback serves on a loopback address only; --listen {} is not one",
             args.listen
         )));
+    }
+    // Bound before the cold start too: a bad metrics address fails before any key is asked.
+    let metrics = match &args.metrics_listen {
+        Some(addr) => Some(
+            shardseal_proto::metrics::bind(addr, args.metrics_allow_remote)
+                .await
+                .map_err(|e| Error::Config(e.to_string()))?,
+        ),
+        None => None,
+    };
+    if let Some(listener) = metrics {
+        let addr = listener
+            .local_addr()
+            .map_err(|e| Error::Config(format!("metrics listen: {e}")))?;
+        tracing::info!(%addr, "metrics endpoint");
+        tokio::spawn(shardseal_proto::metrics::serve(
+            listener,
+            || async { shardseal_proto::metrics::global().render() },
+            std::future::pending(),
+        ));
     }
     let model = ModelId::new(args.model).map_err(|e| Error::Config(e.to_string()))?;
     // The store's configuration errors name the setting, never the URL's text or a key.
