@@ -41,8 +41,9 @@ pub(crate) struct BrokerArgs {
     /// (repeatable).
     #[arg(long = "owner-key", value_name = "PUBHEX_OR_FILE")]
     owner_keys: Vec<String>,
-    /// A TOML configuration file (see `BrokerConfig`); the flags above add to it or
-    /// override it.
+    /// A TOML file of settings: this command's long flag names (precedence: flag >
+    /// SHARDSEAL_BROKER_<FLAG> variable > file > default) and the broker's own tunables
+    /// (`BrokerConfig`). See `shardseal config example --role broker`.
     #[arg(long, value_name = "FILE", env = "SHARDSEAL_BROKER_CONFIG")]
     config: Option<PathBuf>,
     /// Prometheus metrics: attestations accepted and denied, key releases.

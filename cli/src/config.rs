@@ -38,7 +38,7 @@ pub(crate) const ROLES: &[&str] = &[
 ];
 
 /// What `shardseal --help` says about exit codes (also in docs/operator.md).
-pub(crate) const EXIT_CODES: &str = "Exit codes:\n  0  success\n  1  the command failed (one line on stderr: what failed, then its causes)\n  2  bad usage: an unknown flag or a bad value on the command line, in a --config file\n     or in a SHARDSEAL_* variable (the message names the flag, file or variable)\n\nEvery command's --help ends with an example. Service roles (coordinator, broker,\nfunction, quoting-agent, up, proxy) read --config FILE and SHARDSEAL_<ROLE>_<FLAG>\nvariables: `shardseal config example --role ROLE` prints a commented file.";
+pub(crate) const EXIT_CODES: &str = "Examples:\n  shardseal demo\n  shardseal up --state state --deploy resnet=2\n  shardseal --log-format json coordinator --config coordinator.toml\n\nExit codes:\n  0  success\n  1  the command failed (one line on stderr: what failed, then its causes)\n  2  bad usage: an unknown flag or a bad value on the command line, in a --config file\n     or in a SHARDSEAL_* variable (the message names the flag, file or variable)\n\nEvery command's --help ends with an example. Service roles (coordinator, broker,\nfunction, quoting-agent, up, proxy) read --config FILE and SHARDSEAL_<ROLE>_<FLAG>\nvariables: `shardseal config example --role ROLE` prints a commented file.";
 
 /// Settings that hold for the whole process, whatever the command.
 pub(crate) struct Global {
@@ -48,6 +48,9 @@ pub(crate) struct Global {
 
 /// `shardseal config`: print or check configuration files.
 #[derive(Debug, clap::Subcommand)]
+#[command(
+    after_help = "Example:\n  shardseal config example --role broker > broker.toml\n  shardseal config check --role broker broker.toml"
+)]
 pub(crate) enum ConfigCommand {
     /// Print a complete, commented configuration file for a role, with every default;
     /// it is accepted as is by `--config`.

@@ -17,6 +17,9 @@ pub const READY_MARKER: &str = "SHARDSEAL_READY";
 
 /// Command-line arguments of a function.
 #[derive(Debug, Clone, clap::Args)]
+#[command(
+    after_help = "Example (as the local platform starts it):\n  shardseal function --broker https://127.0.0.1:7000 --pki state/pki \\\n    --agent-socket state/agent/agent.sock --store state/store --model resnet --stage 0 \\\n    --metrics-listen 127.0.0.1:0"
+)]
 pub struct FunctionArgs {
     /// The key broker's address (https://HOST:PORT).
     #[arg(long)]
