@@ -130,14 +130,12 @@ pub(crate) fn run(args: BrokerArgs) -> anyhow::Result<()> {
         // Installed before READY, so a supervisor's SIGTERM right after it stops cleanly.
         let mut terminate = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
         let mut interrupt = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
+        let metrics_listener = metrics.bind().await?;
         let state_dir = config.state_dir.clone();
         let broker = KeyBroker::open(config).context("cannot start the key broker")?;
-        metrics
-            .serve(
-                || async { shardseal_proto::metrics::global().render() },
-                std::future::pending(),
-            )
-            .await?;
+        crate::metrics::serve(metrics_listener, || async {
+            shardseal_proto::metrics::global().render()
+        })?;
         let listener = TcpListener::bind(&listen)
             .await
             .with_context(|| format!("cannot listen on {listen}"))?;

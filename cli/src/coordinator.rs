@@ -108,6 +108,7 @@ async fn serve(args: CoordinatorArgs) -> anyhow::Result<()> {
         }
         deployments.push((ModelId::new(model)?, stages));
     }
+    let metrics_listener = args.metrics.bind().await?;
     let pki = Pki::open(&args.pki).context("PKI")?;
     let scaling = args.scaling.policy()?;
     let memory_limit = args.scaling.memory_limit()?;
@@ -159,6 +160,15 @@ async fn serve(args: CoordinatorArgs) -> anyhow::Result<()> {
         Some(path) => router.with_usage_log(Arc::new(UsageLog::open(path)?)),
         None => router,
     });
+    // Served from here on, so cold starts at deployment are already visible.
+    let metrics_router = router.clone();
+    crate::metrics::serve(metrics_listener, move || {
+        let router = metrics_router.clone();
+        async move {
+            shardseal_coordinator::metrics::refresh_gauges(&router).await;
+            shardseal_proto::metrics::global().render()
+        }
+    })?;
     for (model, stages) in deployments {
         router
             .deploy(model.clone(), stages)
@@ -180,19 +190,6 @@ async fn serve(args: CoordinatorArgs) -> anyhow::Result<()> {
         }
         _ => None,
     };
-    let metrics_router = router.clone();
-    args.metrics
-        .serve(
-            move || {
-                let router = metrics_router.clone();
-                async move {
-                    shardseal_coordinator::metrics::refresh_gauges(&router).await;
-                    shardseal_proto::metrics::global().render()
-                }
-            },
-            std::future::pending(),
-        )
-        .await?;
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("listening on {}", args.listen))?;

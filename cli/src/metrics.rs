@@ -20,29 +20,42 @@ pub(crate) struct MetricsArgs {
 }
 
 impl MetricsArgs {
-    /// Binds and serves the endpoint if one was asked for; each scrape renders `render()`.
-    /// Returns the bound address (logged, and printed as `SHARDSEAL_METRICS <addr>`).
-    pub(crate) async fn serve<R, F>(
-        &self,
-        render: R,
-        shutdown: impl Future<Output = ()> + Send + 'static,
-    ) -> anyhow::Result<Option<SocketAddr>>
-    where
-        R: Fn() -> F + Clone + Send + Sync + 'static,
-        F: Future<Output = String> + Send + 'static,
-    {
+    /// Binds the endpoint if one was asked for: called before anything else starts, so a
+    /// bad or refused address fails at once.
+    pub(crate) async fn bind(&self) -> anyhow::Result<Option<tokio::net::TcpListener>> {
         let Some(addr) = &self.metrics_listen else {
             return Ok(None);
         };
         let listener = shardseal_proto::metrics::bind(addr, self.metrics_allow_remote)
             .await
             .context("--metrics-listen")?;
-        let bound = listener
-            .local_addr()
-            .context("reading the metrics address")?;
-        tracing::info!(addr = %bound, "metrics endpoint");
-        println!("SHARDSEAL_METRICS {bound}");
-        tokio::spawn(shardseal_proto::metrics::serve(listener, render, shutdown));
-        Ok(Some(bound))
+        Ok(Some(listener))
     }
+}
+
+/// Serves the endpoint on `listener` (if any) until the process ends; each scrape renders
+/// `render()`. Logs the bound address (`metrics endpoint`) and prints it as
+/// `SHARDSEAL_METRICS <addr>`.
+pub(crate) fn serve<R, F>(
+    listener: Option<tokio::net::TcpListener>,
+    render: R,
+) -> anyhow::Result<Option<SocketAddr>>
+where
+    R: Fn() -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = String> + Send + 'static,
+{
+    let Some(listener) = listener else {
+        return Ok(None);
+    };
+    let bound = listener
+        .local_addr()
+        .context("reading the metrics address")?;
+    tracing::info!(addr = %bound, "metrics endpoint");
+    println!("SHARDSEAL_METRICS {bound}");
+    tokio::spawn(shardseal_proto::metrics::serve(
+        listener,
+        render,
+        std::future::pending(),
+    ));
+    Ok(Some(bound))
 }
