@@ -482,9 +482,10 @@ fn example_value(role: &str, long: &str) -> Option<&'static str> {
 
 /// A TOML literal for a flag value: numbers and booleans bare, the rest quoted.
 fn literal(value: &str) -> String {
-    if value.parse::<i64>().is_ok() || value.parse::<f64>().is_ok_and(|f| f.is_finite()) {
-        value.to_owned()
-    } else if matches!(value, "true" | "false") {
+    let bare = value.parse::<i64>().is_ok()
+        || value.parse::<f64>().is_ok_and(|f| f.is_finite())
+        || matches!(value, "true" | "false");
+    if bare {
         value.to_owned()
     } else {
         toml::Value::String(value.to_owned()).to_string()

@@ -117,7 +117,7 @@ async fn metrics_count_what_was_sent_and_one_request_id_crosses_every_process() 
     let running = cluster.replica_counts("mlp", 2);
     assert_eq!(running, vec![1, 1]);
     let mut cold_starts = 0.0;
-    for stage in 0..2 {
+    for (stage, replicas) in running.iter().enumerate() {
         let labels = format!(r#"model="mlp",stage="{stage}""#);
         assert_eq!(
             coordinator.get(&format!(
@@ -127,7 +127,7 @@ async fn metrics_count_what_was_sent_and_one_request_id_crosses_every_process() 
         );
         assert_eq!(
             coordinator.get(&format!("shardseal_coordinator_replicas{{{labels}}}")),
-            running[stage] as f64,
+            *replicas as f64,
             "{coordinator_text}"
         );
         assert_eq!(
