@@ -14,6 +14,9 @@ use shardseal_audit::{
 
 /// Verify or read an audit log.
 #[derive(Debug, Args)]
+#[command(
+    after_help = "Example:\n  shardseal audit verify state/broker/audit --key state/broker/broker.pub\n  shardseal audit show state/coordinator/audit --kind request --model m --json"
+)]
 pub(crate) struct AuditArgs {
     #[command(subcommand)]
     command: AuditCommand,
@@ -28,6 +31,9 @@ enum AuditCommand {
 }
 
 #[derive(Debug, Args)]
+#[command(
+    after_help = "Example:\n  shardseal audit verify state/coordinator/audit --key state/coordinator/audit.key.pub"
+)]
 struct VerifyArgs {
     /// The log: a directory of audit-NNNNNN.log files, or one file.
     log: PathBuf,
@@ -41,6 +47,9 @@ struct VerifyArgs {
 }
 
 #[derive(Debug, Args)]
+#[command(
+    after_help = "Example:\n  shardseal audit show state/broker/audit --kind attest_denied\n  shardseal audit show state/coordinator/audit --kind request --since 2026-01-01 --json"
+)]
 struct ShowArgs {
     /// The log: a directory of audit-NNNNNN.log files, or one file.
     log: PathBuf,

@@ -41,10 +41,14 @@ pub(crate) struct BrokerArgs {
     /// (repeatable).
     #[arg(long = "owner-key", value_name = "PUBHEX_OR_FILE")]
     owner_keys: Vec<String>,
-    /// A TOML configuration file (see `BrokerConfig`); the flags above add to it or
-    /// override it.
+    /// A TOML file of settings: this command's long flag names (precedence: flag >
+    /// SHARDSEAL_BROKER_<FLAG> variable > file > default) and the broker's own tunables
+    /// (`BrokerConfig`). See `shardseal config example --role broker`.
     #[arg(long, value_name = "FILE", env = "SHARDSEAL_BROKER_CONFIG")]
     config: Option<PathBuf>,
+    /// Prometheus metrics: attestations accepted and denied, key releases.
+    #[command(flatten)]
+    metrics: crate::metrics::MetricsArgs,
 }
 
 /// Reads a key given as hex on the command line, or from a file that holds the hex.
@@ -69,13 +73,7 @@ fn hex_or_file<T: std::str::FromStr>(text: &str, what: &str) -> anyhow::Result<T
 impl BrokerArgs {
     fn into_config(self) -> anyhow::Result<BrokerConfig> {
         let mut config = match &self.config {
-            Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .with_context(|| format!("reading {}", path.display()))?;
-                toml::from_str::<BrokerConfig>(&text).with_context(|| {
-                    format!("{} is not a valid broker configuration", path.display())
-                })?
-            }
+            Some(path) => crate::config::broker_file_config(path)?,
             None => BrokerConfig::default(),
         };
         if let Some(state) = self.state {
@@ -115,6 +113,7 @@ impl BrokerArgs {
 
 pub(crate) fn run(args: BrokerArgs) -> anyhow::Result<()> {
     let listen = args.listen.clone();
+    let metrics = args.metrics.clone();
     let config = args.into_config()?;
     if config.owner_keys.is_empty() {
         eprintln!(
@@ -131,8 +130,12 @@ pub(crate) fn run(args: BrokerArgs) -> anyhow::Result<()> {
         // Installed before READY, so a supervisor's SIGTERM right after it stops cleanly.
         let mut terminate = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
         let mut interrupt = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
+        let metrics_listener = metrics.bind().await?;
         let state_dir = config.state_dir.clone();
         let broker = KeyBroker::open(config).context("cannot start the key broker")?;
+        crate::metrics::serve(metrics_listener, || async {
+            shardseal_proto::metrics::global().render()
+        })?;
         let listener = TcpListener::bind(&listen)
             .await
             .with_context(|| format!("cannot listen on {listen}"))?;

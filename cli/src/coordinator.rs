@@ -85,6 +85,10 @@ pub(crate) struct CoordinatorArgs {
     /// is written beside it as FILE.pub, for `shardseal audit verify --key`).
     #[arg(long, requires = "audit_dir")]
     audit_key: Option<PathBuf>,
+    /// Prometheus metrics; with --platform local each function also serves its own on a
+    /// free loopback port (logged in its log as `metrics endpoint`).
+    #[command(flatten)]
+    metrics: crate::metrics::MetricsArgs,
 }
 
 pub(crate) fn run_command(args: CoordinatorArgs) -> anyhow::Result<()> {
@@ -105,6 +109,7 @@ async fn serve(args: CoordinatorArgs) -> anyhow::Result<()> {
         }
         deployments.push((ModelId::new(model)?, stages));
     }
+    let metrics_listener = args.metrics.bind().await?;
     let pki = Pki::open(&args.pki).context("PKI")?;
     let scaling = args.scaling.policy()?;
     let memory_limit = args.scaling.memory_limit()?;
@@ -123,7 +128,9 @@ async fn serve(args: CoordinatorArgs) -> anyhow::Result<()> {
         args.platform.static_platform(&pki, &deployments)?
     } else {
         args.platform.check_local()?;
-        local_platform(&args, memory_limit)?
+        Arc::new(shardseal_coordinator::metrics::MeteredPlatform::new(
+            local_platform(&args, memory_limit)?,
+        ))
     };
     let broker_tls = pki.client_config(Role::Broker, None)?;
     let broker = KeyBrokerClient::new(
@@ -154,6 +161,15 @@ async fn serve(args: CoordinatorArgs) -> anyhow::Result<()> {
         Some(path) => router.with_usage_log(Arc::new(UsageLog::open(path)?)),
         None => router,
     });
+    // Served from here on, so cold starts at deployment are already visible.
+    let metrics_router = router.clone();
+    crate::metrics::serve(metrics_listener, move || {
+        let router = metrics_router.clone();
+        async move {
+            shardseal_coordinator::metrics::refresh_gauges(&router).await;
+            shardseal_proto::metrics::global().render()
+        }
+    })?;
     for (model, stages) in deployments {
         router
             .deploy(model.clone(), stages)
@@ -332,6 +348,11 @@ fn local_platform(
     ];
     if let Some(key) = &args.broker_key {
         common_args.extend(["--broker-key".to_owned(), key.clone()]);
+    }
+    if args.metrics.metrics_listen.is_some() {
+        // One free loopback port per function: replicas come and go, so operators read
+        // the coordinator's aggregate; a function's own endpoint is in its log.
+        common_args.extend(["--metrics-listen".to_owned(), "127.0.0.1:0".to_owned()]);
     }
     Ok(Arc::new(LocalPlatform::new(LocalPlatformConfig {
         command,

@@ -11,6 +11,9 @@ use crate::provision::{ProvisionRequest, provision};
 
 /// Manage the model owner's keys and provision models.
 #[derive(Debug, clap::Subcommand)]
+#[command(
+    after_help = "Example:\n  shardseal keys init --dir owner-keys\n  shardseal keys provision --model resnet.onnx --stages auto --keystore owner-keys --store state/store"
+)]
 pub(crate) enum KeysCommand {
     /// Create the owner's key store: an Ed25519 signing key and a master key that seals
     /// shard keys at rest (files 0600).

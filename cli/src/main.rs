@@ -4,12 +4,14 @@ use clap::{Parser, Subcommand};
 
 mod audit;
 mod broker;
+mod config;
 mod coordinator;
 mod coordinator_platform;
 mod demo;
 mod infer;
 mod keys;
 mod keys_register;
+mod metrics;
 mod plan;
 mod provision;
 mod proxy;
@@ -55,6 +57,9 @@ enum Command {
     Usage(usage::UsageArgs),
     /// Serve the Open Inference Protocol (KServe v2 gRPC) locally, sealing every request.
     Proxy(proxy::ProxyArgs),
+    /// Print a commented configuration file for a service role, or check one.
+    #[command(subcommand)]
+    Config(config::ConfigCommand),
 }
 
 // `shardseal function` runs stage functions from this executable, so it wipes freed memory
@@ -63,13 +68,19 @@ enum Command {
 static ALLOCATOR: shardseal_function::WipeOnFree = shardseal_function::WipeOnFree;
 
 /// Exit codes: 0 success, 1 any failure (one line on stderr, the cause chain after a
-/// colon), 2 bad usage (from clap).
+/// colon), 2 bad usage (from clap, a --config file or a SHARDSEAL_* variable); see
+/// `config::EXIT_CODES`.
 fn main() -> std::process::ExitCode {
-    shardseal_function::init_logging();
+    // Settings come from flags, SHARDSEAL_* variables and --config files (`config`).
+    let (cli, global) = match config::parse() {
+        Ok(parsed) => parsed,
+        Err(code) => return code,
+    };
+    shardseal_function::init_logging_as(global.log_format);
     if std::env::var_os(supervisor::PARENT_WATCH_ENV).is_some() {
         exit_with_parent();
     }
-    match run(Cli::parse()) {
+    match run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -92,6 +103,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Plan(args) => plan::run(args),
         Command::Usage(args) => usage::run(args),
         Command::Proxy(args) => proxy::run(args),
+        Command::Config(command) => config::run(command),
     }
 }
 

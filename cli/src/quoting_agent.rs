@@ -13,6 +13,9 @@ use shardseal_attestation::{
 /// simulation of a hardware root of trust for development and CI: anyone with root on this
 /// host can forge quotes.
 #[derive(Debug, Args)]
+#[command(
+    after_help = "Example:\n  shardseal quoting-agent --socket state/agent/agent.sock --key state/agent/platform.key"
+)]
 pub(crate) struct QuotingAgentArgs {
     /// Unix socket to listen on. Put it in a directory only the agent and the functions can
     /// reach (e.g. /run/shardseal/).

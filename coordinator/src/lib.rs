@@ -5,6 +5,7 @@
 
 pub mod autoscale;
 pub mod billing;
+pub mod metrics;
 pub mod planner;
 pub mod platform;
 pub mod router;

@@ -270,6 +270,19 @@ impl Router {
         self.replicas(model).await.iter().map(Vec::len).collect()
     }
 
+    /// How many requests wait for a replica of each stage of `model` right now (empty if
+    /// not deployed): the queue depth operators watch during cold starts.
+    pub async fn queue_depths(&self, model: &ModelId) -> Vec<usize> {
+        let Some(deployment) = self.deployments.read().await.get(model).cloned() else {
+            return Vec::new();
+        };
+        deployment
+            .stages
+            .iter()
+            .map(|pool| pool.waiting.load(Ordering::Acquire))
+            .collect()
+    }
+
     /// Routes one request through every stage.
     pub async fn route(
         self: &Arc<Self>,
@@ -343,6 +356,7 @@ impl Router {
             });
             let remaining = deadline.saturating_duration_since(Instant::now());
             request.set_timeout(remaining);
+            shardseal_proto::request_id::attach(&mut request);
             replica.in_flight.fetch_add(1, Ordering::Relaxed);
             let called = Instant::now();
             let result = replica.client.clone().process(request).await;

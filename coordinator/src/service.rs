@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use shardseal_attestation::{ModelId, ModelVersion};
 use shardseal_audit::{AuditEvent, AuditWriter, Outcome, RequestId};
 use shardseal_keys::{PipelineManifest, VerifyingKey, from_blob};
+use shardseal_proto::request_id;
 use shardseal_proto::tls::{Pki, Role};
 use shardseal_proto::v1::coordinator_server::{Coordinator, CoordinatorServer};
 use shardseal_proto::v1::key_broker_client::KeyBrokerClient;
@@ -177,16 +178,37 @@ impl Coordinator for CoordinatorService {
         request: Request<InferRequest>,
     ) -> Result<Response<InferResponse>, Status> {
         let deadline = grpc_timeout(request.metadata());
+        let supplied_id = request_id::from_metadata(request.metadata());
         let InferRequest { header, input } = request.into_inner();
         let header = header.ok_or_else(|| Status::invalid_argument("missing request header"))?;
         let input = input.ok_or_else(|| Status::invalid_argument("missing sealed input"))?;
+        // The id that ties this request's log lines together in every process: the
+        // client's, if it sent one, else the request's own (the audit log's) id.
+        let sealed_id = hex::encode(&header.request_id);
+        let correlation_id = supplied_id.unwrap_or_else(|| sealed_id.clone());
         tracing::Span::current()
             .record("model", header.model_id.as_str())
-            .record("request_id", hex::encode(&header.request_id));
+            .record("request_id", correlation_id.as_str());
+        if correlation_id != sealed_id {
+            tracing::info!(audit_id = %sealed_id, "request id supplied by the client");
+        }
         let started = Instant::now();
         let input_bytes = sealed_len(&input);
+        let model = header.model_id.clone();
         let audit_header = self.audit.is_some().then(|| header.clone());
-        let result = self.router.route(header, input, deadline).await;
+        let result =
+            request_id::scope(correlation_id, self.router.route(header, input, deadline)).await;
+        let took = started.elapsed();
+        let (code, timings) = match &result {
+            Ok(routed) => (tonic::Code::Ok, routed.timings.as_slice()),
+            Err(status) => (status.code(), &[][..]),
+        };
+        crate::metrics::record_request(&self.router, &model, code, timings, took).await;
+        tracing::info!(
+            code = crate::metrics::code_name(code),
+            total_ms = took.as_secs_f64() * 1e3,
+            "request answered"
+        );
         if let Some(header) = audit_header
             && let Some(event) = request_event(&header, input_bytes, &result, started.elapsed())
         {

@@ -17,6 +17,9 @@ pub const READY_MARKER: &str = "SHARDSEAL_READY";
 
 /// Command-line arguments of a function.
 #[derive(Debug, Clone, clap::Args)]
+#[command(
+    after_help = "Example (as the local platform starts it):\n  shardseal function --broker https://127.0.0.1:7000 --pki state/pki \\\n    --agent-socket state/agent/agent.sock --store state/store --model resnet --stage 0 \\\n    --metrics-listen 127.0.0.1:0"
+)]
 pub struct FunctionArgs {
     /// The key broker's address (https://HOST:PORT).
     #[arg(long)]
@@ -49,6 +52,14 @@ pub struct FunctionArgs {
     /// See `shardseal_function::danger`.
     #[arg(long)]
     pub danger_h2c_loopback: bool,
+    /// Serve Prometheus metrics (GET /metrics, plain HTTP) on this IP:PORT; port 0 picks a
+    /// free port, logged as `metrics endpoint`. Off unless given; loopback only unless
+    /// --metrics-allow-remote.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<String>,
+    /// Allow --metrics-listen on a non-loopback address.
+    #[arg(long, requires = "metrics_listen")]
+    pub metrics_allow_remote: bool,
 }
 
 /// Runs a function until SIGTERM or Ctrl-C.
@@ -73,6 +84,26 @@ async fn serve(args: FunctionArgs) -> Result<(), Error> {
             "--danger-h2c-loopback serves on a loopback address only; --listen {} is not one",
             args.listen
         )));
+    }
+    // Bound before the cold start too: a bad metrics address fails before any key is asked.
+    let metrics = match &args.metrics_listen {
+        Some(addr) => Some(
+            shardseal_proto::metrics::bind(addr, args.metrics_allow_remote)
+                .await
+                .map_err(|e| Error::Config(e.to_string()))?,
+        ),
+        None => None,
+    };
+    if let Some(listener) = metrics {
+        let addr = listener
+            .local_addr()
+            .map_err(|e| Error::Config(format!("metrics listen: {e}")))?;
+        tracing::info!(%addr, "metrics endpoint");
+        tokio::spawn(shardseal_proto::metrics::serve(
+            listener,
+            || async { shardseal_proto::metrics::global().render() },
+            std::future::pending(),
+        ));
     }
     let model = ModelId::new(args.model).map_err(|e| Error::Config(e.to_string()))?;
     // The store's configuration errors name the setting, never the URL's text or a key.

@@ -31,17 +31,61 @@ pub use hardening::{harden_process, is_dumpable};
 pub use service::{MAX_MESSAGE_BYTES, StageService, run};
 pub use wipe_alloc::WipeOnFree;
 
-/// Logs to stderr, filtered by `RUST_LOG` (default `info`). Never a key or a tensor value:
-/// every span in this crate names its fields.
+/// The environment variable that selects the log format (`text` or `json`) of every
+/// ShardSeal process; children inherit it.
+pub const LOG_FORMAT_ENV: &str = "SHARDSEAL_LOG_FORMAT";
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line, with the current span's fields (`request_id`, `model`,
+    /// `stage`) in `span` and `spans`.
+    Json,
+}
+
+impl std::str::FromStr for LogFormat {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text {
+            "text" => Ok(Self::Text),
+            "json" => Ok(Self::Json),
+            other => Err(format!("unknown log format {other:?} (use text or json)")),
+        }
+    }
+}
+
+/// Logs to stderr in the format named by `SHARDSEAL_LOG_FORMAT` (default text), filtered
+/// by `RUST_LOG` (default `info`). Never a key or a tensor value: every span in this crate
+/// names its fields.
 pub fn init_logging() {
+    let format = std::env::var(LOG_FORMAT_ENV)
+        .ok()
+        .and_then(|text| text.parse().ok())
+        .unwrap_or_default();
+    init_logging_as(format);
+}
+
+/// Logs to stderr in `format`, filtered by `RUST_LOG` (default `info`).
+pub fn init_logging_as(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Json => builder
+            .json()
+            .with_current_span(true)
+            .with_span_list(true)
+            .try_init(),
         // Functions and services log to files: colour codes only on a terminal.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .try_init();
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .try_init(),
+    };
 }
 
 /// Everything that can go wrong inside a function. Messages name tensors and shapes,

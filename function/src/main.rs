@@ -13,11 +13,15 @@ static ALLOCATOR: WipeOnFree = WipeOnFree;
 struct Cli {
     #[command(flatten)]
     args: FunctionArgs,
+    /// Log lines as `text` or `json` (one object per line, with the request id).
+    #[arg(long, env = shardseal_function::LOG_FORMAT_ENV, default_value = "text")]
+    log_format: shardseal_function::LogFormat,
 }
 
 fn main() -> std::process::ExitCode {
-    shardseal_function::init_logging();
-    match main_with(Cli::parse().args) {
+    let cli = Cli::parse();
+    shardseal_function::init_logging_as(cli.log_format);
+    match main_with(cli.args) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "function stopped");

@@ -2,7 +2,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use shardseal_keys::{
     ActivationContext, Direction, RecipientPublicKey, RequestId, Sealed, open_activation,
@@ -129,13 +129,71 @@ impl StageFunction for StageService {
         &self,
         request: Request<ProcessRequest>,
     ) -> Result<Response<ProcessResponse>, Status> {
+        let supplied_id = shardseal_proto::request_id::from_metadata(request.metadata());
         let ProcessRequest {
             header,
             stage,
             activations,
         } = request.into_inner();
         let header = header.ok_or_else(|| Status::invalid_argument("missing request header"))?;
-        tracing::Span::current().record("request_id", hex::encode(&header.request_id));
+        // The coordinator's request id, so this line joins the request's other lines.
+        let request_id = supplied_id.unwrap_or_else(|| hex::encode(&header.request_id));
+        tracing::Span::current().record("request_id", request_id.as_str());
+        let began = Instant::now();
+        let result = self.process_checked(header, stage, activations).await;
+        self.record(&result, began.elapsed());
+        result
+    }
+
+    async fn ready(&self, _: Request<ReadyRequest>) -> Result<Response<ReadyResponse>, Status> {
+        let s = &self.stage;
+        Ok(Response::new(ReadyResponse {
+            ready: true,
+            model_id: s.model.to_string(),
+            version: s.version.0,
+            stage: s.stage.0,
+            token: Some(s.token.clone()),
+            cold_start: Some(s.cold_start),
+        }))
+    }
+}
+
+impl StageService {
+    /// Counts one request by code and records its latency.
+    fn record(&self, result: &Result<Response<ProcessResponse>, Status>, took: Duration) {
+        let code = match result {
+            Ok(_) => tonic::Code::Ok,
+            Err(status) => status.code(),
+        };
+        let (model, stage) = (self.stage.model.as_str(), self.stage.stage.0.to_string());
+        let registry = shardseal_proto::metrics::global();
+        registry
+            .counter(
+                "shardseal_function_requests_total",
+                "Requests a function answered, by gRPC status code.",
+                &[
+                    ("model", model),
+                    ("stage", &stage),
+                    ("code", shardseal_proto::metrics::code_name(code)),
+                ],
+            )
+            .inc();
+        registry
+            .histogram(
+                "shardseal_function_request_duration_seconds",
+                "Latency of a request inside the function (checks, open, run, seal), in seconds.",
+                shardseal_proto::metrics::LATENCY_BUCKETS,
+                &[("model", model), ("stage", &stage)],
+            )
+            .observe_duration(took);
+    }
+
+    async fn process_checked(
+        &self,
+        header: RequestHeader,
+        stage: u32,
+        activations: Option<shardseal_proto::v1::Sealed>,
+    ) -> Result<Response<ProcessResponse>, Status> {
         let this = &self.stage;
         if header.model_id != this.model.as_str() || header.version != this.version.0 {
             return Err(Status::failed_precondition(format!(
@@ -174,18 +232,6 @@ impl StageFunction for StageService {
             }
             Err(e) => Err(to_status(&e)),
         }
-    }
-
-    async fn ready(&self, _: Request<ReadyRequest>) -> Result<Response<ReadyResponse>, Status> {
-        let s = &self.stage;
-        Ok(Response::new(ReadyResponse {
-            ready: true,
-            model_id: s.model.to_string(),
-            version: s.version.0,
-            stage: s.stage.0,
-            token: Some(s.token.clone()),
-            cold_start: Some(s.cold_start),
-        }))
     }
 }
 

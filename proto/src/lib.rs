@@ -29,5 +29,7 @@ pub mod oip {
     tonic::include_proto!("inference");
 }
 
+pub mod metrics;
+pub mod request_id;
 pub mod tensor;
 pub mod tls;

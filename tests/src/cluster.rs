@@ -77,6 +77,16 @@ impl Cluster {
         Self::launch(exe, extra_args, None, Vec::new()).await
     }
 
+    /// Starts a deployment with extra `shardseal up` arguments and environment variables
+    /// (which `shardseal up` passes on to every service and function it starts).
+    pub async fn start_with_env(
+        exe: &Path,
+        extra_args: &[String],
+        env: Vec<(&'static str, String)>,
+    ) -> Self {
+        Self::launch(exe, extra_args, None, env).await
+    }
+
     /// Starts a deployment whose shard store is the bucket of `server`: provisioning uploads
     /// there and functions stream their shards from there.
     pub async fn start_with_s3(exe: &Path, server: &crate::s3::S3Server) -> Self {

@@ -667,6 +667,20 @@ impl Inner {
         let model = ModelId::new(&request.model_id).ok();
         let stage = StageIndex(request.stage);
         let outcome = self.attest_checked(&request, model.as_ref()).await;
+        shardseal_proto::metrics::global()
+            .counter(
+                "shardseal_broker_attestations_total",
+                "Attestations the broker appraised, by outcome (accepted, denied).",
+                &[(
+                    "outcome",
+                    if outcome.is_ok() {
+                        "accepted"
+                    } else {
+                        "denied"
+                    },
+                )],
+            )
+            .inc();
         if let Err(error) = &outcome {
             let measurement = match error {
                 BrokerError::Attestation(
@@ -747,6 +761,13 @@ impl Inner {
         })
         .await?;
         tracing::info!(model = %model, stage = stage.0, %measurement, "keys released");
+        shardseal_proto::metrics::global()
+            .counter(
+                "shardseal_broker_key_releases_total",
+                "Key releases to attested functions, by model and stage.",
+                &[("model", model.as_str()), ("stage", &stage.0.to_string())],
+            )
+            .inc();
         Ok(AttestResponse {
             release: Some(sealed.into()),
             token: Some(token),
