@@ -3,11 +3,12 @@
 //! ```text
 //! harden ─▶ ephemeral key ─▶ nonce (broker) ─▶ quote (agent) ─▶ attest (broker)
 //!        ─▶ open key release ─▶ stream shard from the store, decrypting each chunk
-//!        ─▶ check digest ─▶ tract load + optimise ─▶ wipe plaintext ─▶ ready
+//!        ─▶ tract load + optimise (digest checked alongside) ─▶ wipe plaintext ─▶ ready
 //! ```
 //!
 //! Reading, hashing and decrypting the shard overlap (the store stream on this task, the
-//! decryption on a blocking thread). Parsing cannot join them: tract parses a complete
+//! decryption and the hash each on a blocking thread; the digest is checked while tract
+//! loads, before the stage serves). Parsing cannot join them: tract parses a complete
 //! protobuf only, so loading starts once the last chunk is authenticated; it then frees
 //! the plaintext chunk by chunk as the decoder passes them.
 //!
@@ -202,25 +203,31 @@ pub async fn cold_start(config: &ColdStartConfig) -> Result<AttestedStage, Error
         .store
         .open()
         .map_err(|e| Error::Store(e.to_string()))?;
-    let fetched = fetch_and_open(
-        store,
-        &shard_key_path,
-        &shard_key,
-        binding,
-        &entry.shard_digest,
-    )
-    .await?;
+    let fetched = fetch_and_open(store, &shard_key_path, &shard_key, binding).await?;
     let shard_bytes = fetched.plaintext_len;
 
-    let (engine, load) = tokio::task::spawn_blocking(move || {
+    // Every chunk is already authenticated (AES-GCM under the released key); the digest
+    // from the signed manifest is checked on the other core while tract loads, and before
+    // the stage serves anything.
+    let loading = tokio::task::spawn_blocking(move || {
         let loaded = StageEngine::load_shard(fetched.chunks);
         // Give the memory of the plaintext, the proto and the unoptimised model back to the
         // system now, while nothing else allocates.
         crate::memory::release_free_memory();
         loaded
-    })
-    .await
-    .map_err(|e| Error::ModelLoad(format!("loader task: {e}")))??;
+    });
+    let digest = fetched
+        .digest
+        .await
+        .map_err(|e| Error::Store(format!("hashing task: {e}")))?;
+    if digest.as_ref() != entry.shard_digest {
+        return Err(Error::Store(
+            "the shard's digest differs from the signed manifest".into(),
+        ));
+    }
+    let (engine, load) = loading
+        .await
+        .map_err(|e| Error::ModelLoad(format!("loader task: {e}")))??;
     let loaded_at = Instant::now();
     let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
     // Without /proc, count from entry into this function.
@@ -274,8 +281,9 @@ pub struct ColdStartTimings {
     /// Quote and key release: nonce, quote from the agent, attestation at the broker,
     /// opening the release.
     pub attest_ms: f64,
-    /// Reading the sealed shard from the store and hashing it, wall clock from request
-    /// to last byte. Overlaps `decrypt_ms`.
+    /// Reading the sealed shard from the store, wall clock from request to last byte.
+    /// Overlaps `decrypt_ms`; the ciphertext's SHA-256 runs on its own thread and may
+    /// overlap `load_ms` (it is checked before the stage is ready).
     pub fetch_ms: f64,
     /// Time spent decrypting and authenticating chunks (summed; it runs on its own thread
     /// while the next chunks are read, so it overlaps `fetch_ms`).
@@ -323,6 +331,8 @@ struct FetchedShard {
     fetch: std::time::Duration,
     /// Time spent in decryption.
     decrypt: std::time::Duration,
+    /// SHA-256 of the ciphertext, computed on its own thread (it may still be running).
+    digest: tokio::task::JoinHandle<ring::digest::Digest>,
     fetched_at: Instant,
 }
 
@@ -330,15 +340,15 @@ struct FetchedShard {
 /// thread: enough to keep both busy, little enough to bound memory (8 MiB).
 const PIPELINE_DEPTH: usize = 32;
 
-/// Streams the sealed shard from the store and checks its digest from the owner-signed
-/// manifest on this task, while a blocking thread decrypts and authenticates each chunk
-/// as soon as it is complete, so reading, hashing and decrypting overlap.
+/// Streams the sealed shard from the store while a blocking thread decrypts and
+/// authenticates each chunk as soon as it is complete, and another hashes the ciphertext
+/// (checked against the owner-signed manifest by the caller), so reading, decrypting and
+/// hashing overlap, and hashing may go on while the shard loads.
 async fn fetch_and_open(
     store: Arc<dyn ShardStore>,
     key_path: &StoreKey,
     key: &ShardKey,
     binding: ShardBinding,
-    expected_digest: &[u8; 32],
 ) -> Result<FetchedShard, Error> {
     let fetch_started = Instant::now();
     // The store's messages name the key and the backend, never a credential.
@@ -362,12 +372,23 @@ async fn fetch_and_open(
         let stats = opener.finish().map_err(Error::Keys)?;
         Ok::<_, Error>((chunks, stats.plaintext_len, busy))
     });
-    let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
+    // Unbounded, so a slower hash never holds back decryption: what it has not hashed
+    // yet is at most the shard's ciphertext, and the shard is read at once anyway.
+    let (to_hash, mut hashing) = tokio::sync::mpsc::unbounded_channel::<prost::bytes::Bytes>();
+    let digest = tokio::task::spawn_blocking(move || {
+        let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
+        while let Some(piece) = hashing.blocking_recv() {
+            digest.update(&piece);
+            crate::WipeOnFree::free_unwiped(piece);
+        }
+        digest.finish()
+    });
     let mut fetch_error = None;
     loop {
         match ciphertext.try_next().await {
             Ok(Some(piece)) => {
-                digest.update(&piece);
+                // The hashing thread is gone only if it panicked; the digest check reports it.
+                let _ = to_hash.send(piece.clone());
                 if pieces.send(piece).await.is_err() {
                     // The decrypting thread stopped on an error, reported below.
                     break;
@@ -381,6 +402,7 @@ async fn fetch_and_open(
         }
     }
     drop(pieces);
+    drop(to_hash);
     let fetch = fetch_started.elapsed();
     let opened = decrypting
         .await
@@ -389,16 +411,12 @@ async fn fetch_and_open(
         return Err(error);
     }
     let (chunks, plaintext_len, decrypt) = opened?;
-    if digest.finish().as_ref() != expected_digest {
-        return Err(Error::Store(
-            "the shard's digest differs from the signed manifest".into(),
-        ));
-    }
     Ok(FetchedShard {
         chunks,
         plaintext_len,
         fetch,
         decrypt,
+        digest,
         fetched_at: Instant::now(),
     })
 }

@@ -32,14 +32,15 @@
 //!
 //! # Throughput
 //!
-//! Measured once with `cargo run --release -p shardseal-keys --example aead_throughput` on
-//! the development machine (2 vCPUs, x86-64 with AES-NI, VAES and VPCLMULQDQ, shared with
-//! other builds at a load average of about 6), one thread, 1 MiB chunks: sealing runs at
-//! 7.1 GB/s for a 1 MiB shard and 4.0 GB/s for a 64 MiB one; opening, fed in 64 KiB
-//! pieces as a download arrives, at 4.6 and 2.9 GB/s. Bare ring AES-256-GCM in place
-//! measured 10.3 GB/s on the same run; the difference is copying into the output, one
-//! buffer per chunk, and wiping each plaintext chunk when it is dropped. Either way the
-//! network, not the cipher, bounds a cold start.
+//! `cargo run --release -p shardseal-keys --example shard_decrypt_bench` prints it for a
+//! 128 MiB shard. On the development machine (2 vCPUs of an AMD EPYC VM with AES-NI, VAES
+//! and SHA extensions, at a load average of about 7 from other builds), ring's
+//! `open_in_place` alone ran at 5.4 GB/s over 1 MiB chunks, SHA-256 of the ciphertext at
+//! 1.1 GB/s, but every way of opening into freshly allocated memory (per-chunk buffers, one
+//! contiguous buffer, or the former copy of each chunk into one buffer) at about 0.75 GB/s:
+//! the first touch of each fresh 4 KiB page (a page fault, costly in a VM) dominates, not
+//! the cipher or the copies. [`ShardPlaintextOpener`] and the per-chunk [`ShardOpener`]
+//! copy each ciphertext byte once and decrypt it in place.
 //!
 //! # Use
 //!
