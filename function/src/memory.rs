@@ -9,6 +9,10 @@
 //! inference reuses heap blocks instead of mapping each activation) and the free heap
 //! memory is returned to the system.
 //!
+//! Measured on a ResNet-50 stage (a 90.6 MB shard) in `shardseal demo`: peak RSS at ready
+//! 139 MB with this, 205 to 227 MB without it, and no load-time difference visible above
+//! the noise of a shared machine.
+//!
 //! Every freed block is still wiped first, by [`crate::WipeOnFree`] in the function
 //! binaries: unmapping returns wiped pages.
 
