@@ -187,7 +187,7 @@ fn requests_served_by_model_and_stage(logs: &Path) -> BTreeMap<(String, u32), u6
             continue;
         }
         let log = std::fs::read_to_string(entry.path()).unwrap();
-        let Some(cold) = log.lines().find(|l| l.contains("cold start complete")) else {
+        let Some(cold) = log.lines().find(|l| is_cold_start_line(l)) else {
             continue;
         };
         let field = |name: &str| {
@@ -206,6 +206,11 @@ fn requests_served_by_model_and_stage(logs: &Path) -> BTreeMap<(String, u32), u6
     served
 }
 
+/// A function's one `cold start` line, logged once it is ready.
+fn is_cold_start_line(line: &str) -> bool {
+    line.contains(" cold start ") && line.contains("total_ms=")
+}
+
 /// How many functions completed a cold start for each model, from their logs.
 fn cold_starts_by_model(logs: &Path) -> BTreeMap<String, usize> {
     let mut out = BTreeMap::new();
@@ -216,7 +221,7 @@ fn cold_starts_by_model(logs: &Path) -> BTreeMap<String, usize> {
         let log = std::fs::read_to_string(entry.path()).unwrap();
         if let Some(model) = log
             .lines()
-            .find(|l| l.contains("cold start complete"))
+            .find(|l| is_cold_start_line(l))
             .and_then(|l| l.split_whitespace().find_map(|w| w.strip_prefix("model=")))
         {
             *out.entry(model.to_owned()).or_insert(0) += 1;

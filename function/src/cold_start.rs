@@ -3,8 +3,17 @@
 //! ```text
 //! harden ─▶ ephemeral key ─▶ nonce (broker) ─▶ quote (agent) ─▶ attest (broker)
 //!        ─▶ open key release ─▶ stream shard from the store, decrypting each chunk
-//!        ─▶ check digest ─▶ tract load + optimise ─▶ wipe plaintext ─▶ ready
+//!        ─▶ tract load + optimise (digest checked alongside) ─▶ wipe plaintext ─▶ ready
 //! ```
+//!
+//! Reading, hashing and decrypting the shard overlap (the store stream on this task, the
+//! decryption and the hash each on a blocking thread; the digest is checked while tract
+//! loads, before the stage serves). Parsing cannot join them: tract parses a complete
+//! protobuf only, so loading starts once the last chunk is authenticated; it then frees
+//! the plaintext chunk by chunk as the decoder passes them.
+//!
+//! Once ready, the function logs one `cold start` line with each phase's duration
+//! ([`ColdStartTimings`]).
 //!
 //! The typestate is the function signature: [`cold_start`] is the only way to get an
 //! [`AttestedStage`], and it holds keys only because the broker released them.
@@ -19,8 +28,8 @@ use shardseal_attestation::{
     AttestationError, ModelId, ModelVersion, Nonce, ReportData, StageIndex, request_quote,
 };
 use shardseal_keys::{
-    KeyReleaseContext, ModelManifest, RecipientPrivateKey, RecipientPublicKey, Sealed,
-    ShardBinding, ShardKey, ShardOpener, SignedManifest, open_key_release,
+    KeyReleaseContext, ModelManifest, PlaintextChunk, RecipientPrivateKey, RecipientPublicKey,
+    Sealed, ShardBinding, ShardKey, ShardOpener, SignedManifest, open_key_release,
 };
 use shardseal_proto::tls::{Pki, Role};
 use shardseal_proto::v1::key_broker_client::KeyBrokerClient;
@@ -30,13 +39,8 @@ use shardseal_proto::v1::{
 };
 use shardseal_store::{ShardStore, StoreConfig, StoreKey};
 use tonic::transport::{ClientTlsConfig, Endpoint};
-use zeroize::Zeroizing;
 
 use crate::{Error, StageEngine, harden_process};
-
-/// The most a manifest's plaintext size may make a function reserve up front (8 GiB);
-/// the size is signed by the owner, but a bound costs nothing.
-const MAX_PREALLOCATION: usize = 8 << 30;
 
 /// Where a function finds the broker, the agent and its shard.
 #[derive(Debug, Clone)]
@@ -72,6 +76,7 @@ pub struct AttestedStage {
     pub(crate) outputs: Vec<String>,
     pub(crate) token: SignedBlob,
     pub(crate) cold_start: ColdStart,
+    pub(crate) timings: ColdStartTimings,
 }
 
 impl std::fmt::Debug for AttestedStage {
@@ -87,7 +92,10 @@ impl std::fmt::Debug for AttestedStage {
 /// Attests, receives the stage's keys, and loads the decrypted shard.
 pub async fn cold_start(config: &ColdStartConfig) -> Result<AttestedStage, Error> {
     let started = Instant::now();
+    let since_spawn_at_entry = process_age();
     harden_process()?;
+    // Keep large blocks out of malloc's heap while the shard loads (see `memory`).
+    crate::memory::map_large_blocks_while_loading();
 
     let pki = Pki::open(&config.pki_dir).map_err(|e| Error::Config(e.to_string()))?;
     let tls = pki
@@ -98,8 +106,8 @@ pub async fn cold_start(config: &ColdStartConfig) -> Result<AttestedStage, Error
         ephemeral,
         nonce,
         broker_id,
+        connected_at,
     } = attest_retrying(config, &tls).await?;
-    let attested_at = Instant::now();
 
     let sealed = reply
         .release
@@ -129,6 +137,7 @@ pub async fn cold_start(config: &ColdStartConfig) -> Result<AttestedStage, Error
     } else {
         Some(RecipientPublicKey::from_slice(&release.next_stage_public_key).map_err(Error::Keys)?)
     };
+    let attested_at = Instant::now();
 
     let signed = SignedManifest::from_bytes(&release.signed_manifest).map_err(Error::Keys)?;
     let manifest: ModelManifest = signed.verify(&signed.signer()).map_err(Error::Keys)?;
@@ -153,26 +162,48 @@ pub async fn cold_start(config: &ColdStartConfig) -> Result<AttestedStage, Error
         .store
         .open()
         .map_err(|e| Error::Store(e.to_string()))?;
-    let capacity = usize::try_from(entry.plaintext_size)
-        .unwrap_or(0)
-        .min(MAX_PREALLOCATION);
-    let onnx = fetch_and_open(
-        store,
-        &shard_key_path,
-        &shard_key,
-        binding,
-        &entry.shard_digest,
-        capacity,
-    )
-    .await?;
-    let fetched_at = Instant::now();
-    let shard_bytes = onnx.len() as u64;
+    let fetched = fetch_and_open(store, &shard_key_path, &shard_key, binding).await?;
+    let shard_bytes = fetched.plaintext_len;
 
-    let engine = tokio::task::spawn_blocking(move || StageEngine::load(&onnx))
+    // Every chunk is already authenticated (AES-GCM under the released key); the digest
+    // from the signed manifest is checked on the other core while tract loads, and before
+    // the stage serves anything.
+    let loading = tokio::task::spawn_blocking(move || {
+        let loaded = StageEngine::load_shard(fetched.chunks);
+        // Give the memory of the plaintext, the proto and the unoptimised model back to the
+        // system now, while nothing else allocates.
+        crate::memory::release_free_memory();
+        loaded
+    });
+    let digest = fetched
+        .digest
+        .await
+        .map_err(|e| Error::Store(format!("hashing task: {e}")))?;
+    if digest.as_ref() != entry.shard_digest {
+        return Err(Error::Store(
+            "the shard's digest differs from the signed manifest".into(),
+        ));
+    }
+    let (engine, load) = loading
         .await
         .map_err(|e| Error::ModelLoad(format!("loader task: {e}")))??;
     let loaded_at = Instant::now();
-    let ms = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e3;
+    let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+    // Without /proc, count from entry into this function.
+    let total = process_age().unwrap_or(loaded_at - started);
+    let timings = ColdStartTimings {
+        startup_ms: since_spawn_at_entry.map_or(0.0, ms),
+        connect_ms: ms(connected_at - started),
+        attest_ms: ms(attested_at - connected_at),
+        fetch_ms: ms(fetched.fetch),
+        decrypt_ms: ms(fetched.decrypt),
+        fetch_decrypt_ms: ms(fetched.fetched_at - attested_at),
+        load_ms: ms(load.load),
+        optimize_ms: ms(load.optimize),
+        total_ms: ms(total),
+        shard_bytes,
+        peak_rss_bytes: crate::memory::peak_rss_bytes().unwrap_or(0),
+    };
 
     Ok(AttestedStage {
         model: config.model.clone(),
@@ -186,12 +217,13 @@ pub async fn cold_start(config: &ColdStartConfig) -> Result<AttestedStage, Error
         outputs: entry.outputs.iter().map(|t| t.name.clone()).collect(),
         token: reply.token.unwrap_or_default(),
         cold_start: ColdStart {
-            attest_ms: ms(started, attested_at),
-            fetch_decrypt_ms: ms(attested_at, fetched_at),
-            load_ms: ms(fetched_at, loaded_at),
-            total_ms: ms(started, loaded_at),
+            attest_ms: timings.attest_ms,
+            fetch_decrypt_ms: timings.fetch_decrypt_ms,
+            load_ms: timings.load_ms + timings.optimize_ms,
+            total_ms: timings.total_ms,
             shard_bytes,
         },
+        timings,
     })
 }
 
@@ -208,6 +240,8 @@ struct Attested {
     ephemeral: RecipientPrivateKey,
     nonce: Nonce,
     broker_id: String,
+    /// When the successful attempt had the broker connected and its identity checked.
+    connected_at: Instant,
 }
 
 /// Why one attestation attempt failed: worth another try (nothing answered, or the
@@ -309,6 +343,7 @@ async fn attest_once(
             "the broker's identity key is not the pinned one".into(),
         )));
     }
+    let connected_at = Instant::now();
 
     let ephemeral = RecipientPrivateKey::generate().map_err(|e| Final(Error::Keys(e)))?;
     let ephemeral_public = ephemeral.public_key();
@@ -364,43 +399,160 @@ async fn attest_once(
         ephemeral,
         nonce,
         broker_id,
+        connected_at,
     })
 }
 
-/// Streams the sealed shard from the store, decrypting each chunk as it arrives, and
-/// checks the ciphertext digest from the owner-signed manifest.
+/// Where a cold start's time went, in milliseconds, and what it loaded. Logged once, when
+/// the stage is ready, as the `cold start` line (`shardseal bench` reads these fields by
+/// name from the function logs).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ColdStartTimings {
+    /// From process start (fork) to entering the cold start: exec, dynamic loading,
+    /// argument parsing, the async runtime.
+    pub startup_ms: f64,
+    /// Hardening, TLS to the broker and its identity (and any waiting for an unreachable
+    /// broker or quoting agent, retried with backoff).
+    pub connect_ms: f64,
+    /// Quote and key release: nonce, quote from the agent, attestation at the broker,
+    /// opening the release.
+    pub attest_ms: f64,
+    /// Reading the sealed shard from the store, wall clock from request to last byte.
+    /// Overlaps `decrypt_ms`; the ciphertext's SHA-256 runs on its own thread and may
+    /// overlap `load_ms` (it is checked before the stage is ready).
+    pub fetch_ms: f64,
+    /// Time spent decrypting and authenticating chunks (summed; it runs on its own thread
+    /// while the next chunks are read, so it overlaps `fetch_ms`).
+    pub decrypt_ms: f64,
+    /// Fetch and decrypt together, wall clock.
+    pub fetch_decrypt_ms: f64,
+    /// Protobuf decoding and tract's parse into a model.
+    pub load_ms: f64,
+    /// tract's optimisation and planning into a runnable model.
+    pub optimize_ms: f64,
+    /// From process start (its start time in `/proc/self/stat`) to ready.
+    pub total_ms: f64,
+    /// Plaintext shard size.
+    pub shard_bytes: u64,
+    /// The process's peak resident memory (VmHWM) once ready; 0 if unknown.
+    pub peak_rss_bytes: u64,
+}
+
+/// How long this process has existed: now (`CLOCK_BOOTTIME`, from `/proc/uptime`) minus its
+/// start time (field 22 of `/proc/self/stat`, in clock ticks since boot). Both are read at a
+/// 10 ms granularity, so this is within about 10 ms either way, and it counts from `fork`,
+/// so it includes `exec` and dynamic loading, which a timestamp taken in `main` would miss.
+pub fn process_age() -> Option<std::time::Duration> {
+    // USER_HZ: the unit of /proc times, fixed at 100 by the Linux ABI on every architecture
+    // ShardSeal builds for.
+    const CLOCK_TICKS_PER_SECOND: f64 = 100.0;
+    let uptime = std::fs::read_to_string("/proc/uptime").ok()?;
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let now: f64 = uptime.split_ascii_whitespace().next()?.parse().ok()?;
+    // The command name (field 2) may hold spaces: count fields after its closing ')'.
+    let started: f64 = stat[stat.rfind(')')? + 1..]
+        .split_ascii_whitespace()
+        .nth(19)?
+        .parse()
+        .ok()?;
+    let age = now - started / CLOCK_TICKS_PER_SECOND;
+    (age >= 0.0).then(|| std::time::Duration::from_secs_f64(age))
+}
+
+/// A shard read from the store and opened, with what it took.
+struct FetchedShard {
+    chunks: Vec<PlaintextChunk>,
+    plaintext_len: u64,
+    /// Wall clock from the request to the store to the last ciphertext byte (hashed).
+    fetch: std::time::Duration,
+    /// Time spent in decryption.
+    decrypt: std::time::Duration,
+    /// SHA-256 of the ciphertext, computed on its own thread (it may still be running).
+    digest: tokio::task::JoinHandle<ring::digest::Digest>,
+    fetched_at: Instant,
+}
+
+/// How many ciphertext pieces (256 KiB each from a local store) may wait for the decrypting
+/// thread: enough to keep both busy, little enough to bound memory (8 MiB).
+const PIPELINE_DEPTH: usize = 32;
+
+/// Streams the sealed shard from the store while a blocking thread decrypts and
+/// authenticates each chunk as soon as it is complete, and another hashes the ciphertext
+/// (checked against the owner-signed manifest by the caller), so reading, decrypting and
+/// hashing overlap, and hashing may go on while the shard loads.
 async fn fetch_and_open(
     store: Arc<dyn ShardStore>,
     key_path: &StoreKey,
     key: &ShardKey,
     binding: ShardBinding,
-    expected_digest: &[u8; 32],
-    capacity: usize,
-) -> Result<Zeroizing<Vec<u8>>, Error> {
+) -> Result<FetchedShard, Error> {
+    let fetch_started = Instant::now();
     // The store's messages name the key and the backend, never a credential.
     let mut ciphertext = store
         .get_stream(key_path)
         .await
         .map_err(|e| Error::Store(e.to_string()))?;
     let mut opener = ShardOpener::new(key, binding);
-    let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
-    // Sized up front: a growing Vec would leave copies of plaintext in freed blocks.
-    let mut plaintext = Zeroizing::new(Vec::with_capacity(capacity));
-    while let Some(chunk) = ciphertext
-        .try_next()
-        .await
-        .map_err(|e| Error::Store(e.to_string()))?
-    {
-        digest.update(&chunk);
-        for opened in opener.update(&chunk).map_err(Error::Keys)? {
-            plaintext.extend_from_slice(opened.expose_secret());
+    let (pieces, mut arriving) = tokio::sync::mpsc::channel::<prost::bytes::Bytes>(PIPELINE_DEPTH);
+    let decrypting = tokio::task::spawn_blocking(move || {
+        let mut chunks = Vec::new();
+        let mut busy = std::time::Duration::ZERO;
+        while let Some(piece) = arriving.blocking_recv() {
+            let started = Instant::now();
+            let opened = opener.update(&piece);
+            // The ciphertext never held plaintext: give it back without the wipe.
+            crate::WipeOnFree::free_unwiped(piece);
+            chunks.extend(opened.map_err(Error::Keys)?);
+            busy += started.elapsed();
+        }
+        let stats = opener.finish().map_err(Error::Keys)?;
+        Ok::<_, Error>((chunks, stats.plaintext_len, busy))
+    });
+    // Unbounded, so a slower hash never holds back decryption: what it has not hashed
+    // yet is at most the shard's ciphertext, and the shard is read at once anyway.
+    let (to_hash, mut hashing) = tokio::sync::mpsc::unbounded_channel::<prost::bytes::Bytes>();
+    let digest = tokio::task::spawn_blocking(move || {
+        let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
+        while let Some(piece) = hashing.blocking_recv() {
+            digest.update(&piece);
+            crate::WipeOnFree::free_unwiped(piece);
+        }
+        digest.finish()
+    });
+    let mut fetch_error = None;
+    loop {
+        match ciphertext.try_next().await {
+            Ok(Some(piece)) => {
+                // The hashing thread is gone only if it panicked; the digest check reports it.
+                let _ = to_hash.send(piece.clone());
+                if pieces.send(piece).await.is_err() {
+                    // The decrypting thread stopped on an error, reported below.
+                    break;
+                }
+            }
+            Ok(None) => break,
+            Err(e) => {
+                fetch_error = Some(Error::Store(e.to_string()));
+                break;
+            }
         }
     }
-    opener.finish().map_err(Error::Keys)?;
-    if digest.finish().as_ref() != expected_digest {
-        return Err(Error::Store(
-            "the shard's digest differs from the signed manifest".into(),
-        ));
+    drop(pieces);
+    drop(to_hash);
+    let fetch = fetch_started.elapsed();
+    let opened = decrypting
+        .await
+        .map_err(|e| Error::Store(format!("decrypting task: {e}")))?;
+    if let Some(error) = fetch_error {
+        return Err(error);
     }
-    Ok(plaintext)
+    let (chunks, plaintext_len, decrypt) = opened?;
+    Ok(FetchedShard {
+        chunks,
+        plaintext_len,
+        fetch,
+        decrypt,
+        digest,
+        fetched_at: Instant::now(),
+    })
 }

@@ -4,9 +4,13 @@
 //! receives every tensor live at its cut (see the planner) and takes only those its graph
 //! declares.
 
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use prost::Message;
+use prost::bytes::Buf;
+use shardseal_keys::PlaintextChunk;
 use shardseal_proto::tensor::{DType, HostTensor};
 use tract_onnx::pb;
 use tract_onnx::prelude::*;
@@ -41,14 +45,46 @@ impl std::fmt::Debug for StageEngine {
     }
 }
 
+/// How long [`StageEngine::load_shard`] spent in each phase.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct LoadTimings {
+    /// Protobuf decoding and tract's parse into an inference model.
+    pub load: Duration,
+    /// Type analysis, optimisation and planning into a runnable model.
+    pub optimize: Duration,
+}
+
 impl StageEngine {
     /// Parses, optimises and plans an ONNX model whose inputs have fixed shapes.
     pub fn load(onnx: &[u8]) -> Result<Self, Error> {
         let proto = pb::ModelProto::decode(onnx)
             .map_err(|_| Error::ModelLoad("not an ONNX model".into()))?;
+        Ok(Self::from_proto(proto, Instant::now())?.0)
+    }
+
+    /// Loads a decrypted shard given as its verified chunks, in order, freeing each chunk
+    /// (wiped) as soon as the protobuf decoder has read past it, so that the plaintext and
+    /// its decoded copy are never both whole in memory. tract cannot parse a partial
+    /// protobuf, so decoding starts only once the whole shard is authenticated.
+    pub fn load_shard(chunks: Vec<PlaintextChunk>) -> Result<(Self, LoadTimings), Error> {
+        let started = Instant::now();
+        let mut plaintext = ConsumedChunks::new(chunks);
+        let proto = pb::ModelProto::decode(&mut plaintext)
+            .map_err(|_| Error::ModelLoad("not an ONNX model".into()))?;
+        drop(plaintext);
+        Self::from_proto(proto, started)
+    }
+
+    /// Builds the engine from a decoded model, dropping each large intermediate as soon as
+    /// the next form exists: the proto's weights one by one while they become tract
+    /// tensors, the proto before optimisation, the inference model inside it.
+    fn from_proto(
+        mut proto: pb::ModelProto,
+        started: Instant,
+    ) -> Result<(Self, LoadTimings), Error> {
         let graph = proto
             .graph
-            .as_ref()
+            .as_mut()
             .ok_or_else(|| Error::ModelLoad("the ONNX model has no graph".into()))?;
         let initializers: std::collections::HashSet<&str> =
             graph.initializer.iter().map(|t| t.name.as_str()).collect();
@@ -60,9 +96,62 @@ impl StageEngine {
             .collect::<Result<Vec<_>, _>>()?;
         let outputs = graph.output.iter().map(|o| o.name.clone()).collect();
 
-        let mut model = tract_onnx::onnx()
-            .model_for_proto_model(&proto)
+        // tract converts every initializer while it still holds the whole proto, which
+        // would keep two copies of every weight. Convert them here instead, freeing each
+        // proto tensor right after its conversion, and hand tract the graph without them:
+        // the names it then cannot resolve become sources, turned into constants below.
+        let onnx = tract_onnx::onnx();
+        let mut weights = HashMap::with_capacity(graph.initializer.len());
+        for tensor in std::mem::take(&mut graph.initializer) {
+            let value = tract_onnx::tensor::load_tensor(&*onnx.provider, &tensor, None)
+                .map_err(|e| Error::ModelLoad(format!("initializer {:?}: {e:#}", tensor.name)))?;
+            weights.insert(tensor.name, value);
+        }
+        let parsed = onnx
+            .parse(&proto, None)
             .map_err(|e| Error::ModelLoad(format!("{e:#}")))?;
+        drop(proto);
+        let mut model = parsed.model;
+        if let Some(missing) = parsed
+            .unresolved_inputs
+            .iter()
+            .find(|name| !weights.contains_key(name.as_str()))
+        {
+            return Err(Error::ModelLoad(format!(
+                "the graph uses {missing:?}, which nothing defines"
+            )));
+        }
+        let mut constant_nodes = std::collections::HashSet::new();
+        for (name, value) in weights {
+            // An initializer no node reads has no outlet; tract would keep it as a dead
+            // constant that optimisation removes anyway.
+            let Some(outlet) = parsed.outlets_by_name.get(&name) else {
+                continue;
+            };
+            if !model.inputs.contains(outlet) {
+                return Err(Error::ModelLoad(format!(
+                    "{name:?} is both an initializer and a node's output"
+                )));
+            }
+            let value = Arc::new(value);
+            let fact = TypedFact::try_from(value.clone())
+                .map_err(|e| Error::ModelLoad(format!("initializer {name:?}: {e:#}")))?;
+            let node = &mut model.nodes[outlet.node];
+            node.op = Box::new(
+                tract_onnx::tract_core::ops::konst::Const::new(value)
+                    .map_err(|e| Error::ModelLoad(format!("initializer {name:?}: {e:#}")))?,
+            );
+            node.outputs[0].fact = fact.into();
+            constant_nodes.insert(outlet.node);
+        }
+        model.inputs.retain(|o| !constant_nodes.contains(&o.node));
+        if model.inputs.len() != inputs.len() {
+            return Err(Error::ModelLoad(format!(
+                "the graph declares {} inputs, tract found {}",
+                inputs.len(),
+                model.inputs.len()
+            )));
+        }
         for (ix, spec) in inputs.iter().enumerate() {
             model
                 .set_input_fact(
@@ -71,15 +160,25 @@ impl StageEngine {
                 )
                 .map_err(|e| Error::ModelLoad(format!("{e:#}")))?;
         }
+        let parsed_at = Instant::now();
+        // Each step consumes the previous model, so its weights are freed as soon as the
+        // next form no longer shares them.
         let plan = model
             .into_optimized()
             .and_then(|m| m.into_runnable())
             .map_err(|e| Error::ModelLoad(format!("{e:#}")))?;
-        Ok(Self {
-            plan,
-            inputs,
-            outputs,
-        })
+        let timings = LoadTimings {
+            load: parsed_at - started,
+            optimize: parsed_at.elapsed(),
+        };
+        Ok((
+            Self {
+                plan,
+                inputs,
+                outputs,
+            },
+            timings,
+        ))
     }
 
     /// The inputs the shard's graph declares, in graph order.
@@ -188,4 +287,64 @@ fn from_tract(name: &str, value: &TValue) -> Result<HostTensor, Error> {
         value.as_bytes().to_vec(),
     )
     .map_err(|e| Error::Inference(e.to_string()))
+}
+
+/// A decrypted shard as a protobuf input that gives each chunk back (wiped on drop) once
+/// the decoder has read past it.
+struct ConsumedChunks {
+    chunks: VecDeque<PlaintextChunk>,
+    /// How far into the front chunk the decoder is.
+    offset: usize,
+    remaining: usize,
+}
+
+impl ConsumedChunks {
+    fn new(chunks: Vec<PlaintextChunk>) -> Self {
+        // `Buf::chunk` may be empty only at the end: leave out empty chunks (an empty
+        // shard's one chunk).
+        let chunks: VecDeque<_> = chunks
+            .into_iter()
+            .filter(|c| !c.expose_secret().is_empty())
+            .collect();
+        let remaining = chunks.iter().map(|c| c.expose_secret().len()).sum();
+        Self {
+            chunks,
+            offset: 0,
+            remaining,
+        }
+    }
+}
+
+impl Buf for ConsumedChunks {
+    fn remaining(&self) -> usize {
+        self.remaining
+    }
+
+    fn chunk(&self) -> &[u8] {
+        match self.chunks.front() {
+            Some(front) => &front.expose_secret()[self.offset..],
+            None => &[],
+        }
+    }
+
+    fn advance(&mut self, count: usize) {
+        // Advancing past the end breaks the `Buf` contract; stop at the end instead.
+        let mut count = count.min(self.remaining);
+        while count > 0 {
+            let Some(front) = self.chunks.front() else {
+                return;
+            };
+            let left = front.expose_secret().len() - self.offset;
+            if count < left {
+                self.offset += count;
+                self.remaining -= count;
+                return;
+            }
+            count -= left;
+            self.remaining -= left;
+            self.offset = 0;
+            // A plaintext chunk wipes itself on drop; the allocator need not wipe it again.
+            crate::WipeOnFree::free_unwiped(self.chunks.pop_front());
+        }
+    }
 }

@@ -118,11 +118,16 @@ async fn serve(args: FunctionArgs) -> Result<(), Error> {
         stage: StageIndex(args.stage),
     };
     let stage = cold_start(&config).await?;
+    let t = &stage.timings;
+    // One line per cold start, with these field names: `shardseal bench` reads them from
+    // the function logs.
     tracing::info!(
         model = %stage.model, stage = stage.stage.0,
-        total_ms = stage.cold_start.total_ms, attest_ms = stage.cold_start.attest_ms,
-        fetch_decrypt_ms = stage.cold_start.fetch_decrypt_ms, load_ms = stage.cold_start.load_ms,
-        "cold start complete"
+        startup_ms = t.startup_ms, connect_ms = t.connect_ms, attest_ms = t.attest_ms,
+        fetch_ms = t.fetch_ms, decrypt_ms = t.decrypt_ms, fetch_decrypt_ms = t.fetch_decrypt_ms,
+        load_ms = t.load_ms, optimize_ms = t.optimize_ms, total_ms = t.total_ms,
+        shard_bytes = t.shard_bytes, peak_rss_bytes = t.peak_rss_bytes,
+        "cold start"
     );
     let pki = Pki::open(&args.pki).map_err(|e| Error::Config(e.to_string()))?;
     let listener = tokio::net::TcpListener::bind(&args.listen)

@@ -21,13 +21,15 @@ pub mod danger;
 mod engine;
 mod entry;
 mod hardening;
+mod memory;
 mod service;
 mod wipe_alloc;
 
-pub use cold_start::{AttestedStage, ColdStartConfig, cold_start};
-pub use engine::{InputSpec, StageEngine};
+pub use cold_start::{AttestedStage, ColdStartConfig, ColdStartTimings, cold_start, process_age};
+pub use engine::{InputSpec, LoadTimings, StageEngine};
 pub use entry::{FunctionArgs, READY_MARKER, main_with};
 pub use hardening::{harden_process, is_dumpable};
+pub use memory::peak_rss_bytes;
 pub use service::{MAX_MESSAGE_BYTES, StageService, run};
 pub use wipe_alloc::WipeOnFree;
 

@@ -9,9 +9,34 @@
 //! it for this machine.
 
 use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
 
 /// [`System`], wiping each block on free.
 pub struct WipeOnFree;
+
+thread_local! {
+    /// Set while [`WipeOnFree::free_unwiped`] drops a value on this thread. A const-
+    /// initialised `Cell<bool>` needs no allocation and no destructor, so the allocator
+    /// may read it.
+    static SKIP_WIPE: Cell<bool> = const { Cell::new(false) };
+}
+
+impl WipeOnFree {
+    /// Drops `value` without wiping the memory it frees. Only for values that never held
+    /// a secret (ciphertext as it arrives from the store) or that wiped themselves on drop
+    /// (a `SecretBytes`): wiping them again costs a memset per byte for nothing.
+    pub fn free_unwiped<T>(value: T) {
+        struct Restore;
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                SKIP_WIPE.with(|skip| skip.set(false));
+            }
+        }
+        SKIP_WIPE.with(|skip| skip.set(true));
+        let _restore = Restore;
+        drop(value);
+    }
+}
 
 // SAFETY: every method forwards to `System` with the caller's layout, as the `GlobalAlloc`
 // contract requires; the only addition is writing zeros over memory the caller owns and
@@ -29,11 +54,14 @@ unsafe impl GlobalAlloc for WipeOnFree {
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        let skip = SKIP_WIPE.try_with(Cell::get).unwrap_or(false);
         // SAFETY: `ptr` is a live block of `layout.size()` bytes owned by the caller.
         unsafe {
-            std::ptr::write_bytes(ptr, 0, layout.size());
-            // The pointer escapes, so the compiler cannot drop the stores as dead.
-            std::hint::black_box(ptr);
+            if !skip {
+                std::ptr::write_bytes(ptr, 0, layout.size());
+                // The pointer escapes, so the compiler cannot drop the stores as dead.
+                std::hint::black_box(ptr);
+            }
             System.dealloc(ptr, layout);
         }
     }

@@ -32,14 +32,15 @@
 //!
 //! # Throughput
 //!
-//! Measured once with `cargo run --release -p shardseal-keys --example aead_throughput` on
-//! the development machine (2 vCPUs, x86-64 with AES-NI, VAES and VPCLMULQDQ, shared with
-//! other builds at a load average of about 6), one thread, 1 MiB chunks: sealing runs at
-//! 7.1 GB/s for a 1 MiB shard and 4.0 GB/s for a 64 MiB one; opening, fed in 64 KiB
-//! pieces as a download arrives, at 4.6 and 2.9 GB/s. Bare ring AES-256-GCM in place
-//! measured 10.3 GB/s on the same run; the difference is copying into the output, one
-//! buffer per chunk, and wiping each plaintext chunk when it is dropped. Either way the
-//! network, not the cipher, bounds a cold start.
+//! `cargo run --release -p shardseal-keys --example shard_decrypt_bench` prints it for a
+//! 128 MiB shard. On the development machine (2 vCPUs of an AMD EPYC VM with AES-NI, VAES
+//! and SHA extensions, at a load average of about 7 from other builds), ring's
+//! `open_in_place` alone ran at 5.4 GB/s over 1 MiB chunks, SHA-256 of the ciphertext at
+//! 1.1 GB/s, but every way of opening into freshly allocated memory (per-chunk buffers, one
+//! contiguous buffer, or the former copy of each chunk into one buffer) at about 0.75 GB/s:
+//! the first touch of each fresh 4 KiB page (a page fault, costly in a VM) dominates, not
+//! the cipher or the copies. [`ShardPlaintextOpener`] and the per-chunk [`ShardOpener`]
+//! copy each ciphertext byte once and decrypt it in place.
 //!
 //! # Use
 //!
@@ -420,6 +421,9 @@ pub struct ShardOpener {
     chunk: Option<(bool, usize)>,
     /// The current chunk's ciphertext and tag, decrypted in place (hence secret).
     body: SecretBytes,
+    /// With a contiguous sink: how many of its bytes are verified plaintext (the rest is
+    /// the current chunk's ciphertext, gathered in place).
+    verified_len: usize,
     next_index: u32,
     plaintext_len: u64,
     ciphertext_len: u64,
@@ -444,6 +448,7 @@ impl ShardOpener {
             frame: Vec::with_capacity(FIXED_HEADER_LEN + MAX_MODEL_ID_LEN + 8),
             chunk: None,
             body: SecretBytes::default(),
+            verified_len: 0,
             next_index: 0,
             plaintext_len: 0,
             ciphertext_len: 0,
@@ -464,7 +469,7 @@ impl ShardOpener {
             return Err(Error::ShardStreamFailed);
         }
         let mut chunks = Vec::new();
-        match self.consume(bytes, &mut chunks) {
+        match self.consume(bytes, Sink::Chunks(&mut chunks)) {
             Ok(()) => Ok(chunks),
             Err(e) => {
                 self.state = OpenerState::Failed;
@@ -486,7 +491,7 @@ impl ShardOpener {
         }
     }
 
-    fn consume(&mut self, mut bytes: &[u8], out: &mut Vec<PlaintextChunk>) -> Result<(), Error> {
+    fn consume(&mut self, mut bytes: &[u8], mut out: Sink<'_>) -> Result<(), Error> {
         self.ciphertext_len = self.ciphertext_len.saturating_add(bytes.len() as u64);
         while !bytes.is_empty() {
             match &self.state {
@@ -495,7 +500,7 @@ impl ShardOpener {
                     if self.chunk.is_none() {
                         bytes = self.take_frame(bytes)?;
                     } else {
-                        bytes = self.take_body(bytes, out)?;
+                        bytes = self.take_body(bytes, &mut out)?;
                     }
                 }
                 OpenerState::Done => return Err(Error::ShardTrailingData),
@@ -580,38 +585,49 @@ impl ShardOpener {
         }
         self.frame.clear();
         self.chunk = Some((last, len));
-        self.body = SecretBytes::with_capacity(len + TAG_LEN);
         Ok(rest)
     }
 
-    fn take_body<'a>(
-        &mut self,
-        bytes: &'a [u8],
-        out: &mut Vec<PlaintextChunk>,
-    ) -> Result<&'a [u8], Error> {
+    fn take_body<'a>(&mut self, bytes: &'a [u8], out: &mut Sink<'_>) -> Result<&'a [u8], Error> {
         let (OpenerState::Chunks(header, header_bytes), Some((last, len))) =
             (&self.state, self.chunk)
         else {
             return Ok(bytes);
         };
+        // Where the chunk's ciphertext is gathered and then decrypted in place: its own
+        // buffer for chunk-by-chunk output, or straight at the end of the caller's
+        // contiguous plaintext, so that a whole-shard open copies each byte once.
+        let (buffer, start) = match out {
+            Sink::Chunks(_) => {
+                if self.body.is_empty() {
+                    self.body = SecretBytes::with_capacity(len + TAG_LEN);
+                }
+                (&mut self.body, 0)
+            }
+            Sink::Contiguous(plaintext) => (&mut **plaintext, self.verified_len),
+        };
         let want = len + TAG_LEN;
-        let take = (want - self.body.len()).min(bytes.len());
+        let take = (want - (buffer.len() - start)).min(bytes.len());
         let (now, rest) = bytes.split_at(take);
-        self.body.extend_from_slice(now);
-        if self.body.len() < want {
+        buffer.extend_from_slice(now);
+        if buffer.len() - start < want {
             return Ok(rest);
         }
         let index = self.next_index;
         let nonce = chunk_nonce(&header.nonce_prefix, index, last);
-        self.key
-            .open_in_place(
-                Nonce::assume_unique_for_key(nonce),
-                Aad::from(header_bytes),
-                self.body.expose_secret_mut(),
-            )
-            .map_err(|_| Error::ShardChunkAuthFailed { chunk: index })?;
-        let mut plaintext = std::mem::take(&mut self.body);
-        plaintext.truncate(len);
+        let opened = self.key.open_in_place(
+            Nonce::assume_unique_for_key(nonce),
+            Aad::from(header_bytes),
+            &mut buffer.expose_secret_mut()[start..],
+        );
+        if opened.is_err() {
+            // ring leaves the buffer's contents unspecified on failure: wipe them rather
+            // than leave unauthenticated bytes where the caller might read them.
+            buffer.truncate(start);
+            return Err(Error::ShardChunkAuthFailed { chunk: index });
+        }
+        // Drops (and wipes) the tag's 16 bytes.
+        buffer.truncate(start + len);
         self.plaintext_len += len as u64;
         self.chunk = None;
         if last {
@@ -620,12 +636,89 @@ impl ShardOpener {
         } else {
             self.next_index = index.checked_add(1).ok_or(Error::ShardTooLarge)?;
         }
-        out.push(PlaintextChunk {
-            index,
-            last,
-            bytes: plaintext,
-        });
+        match out {
+            Sink::Chunks(chunks) => chunks.push(PlaintextChunk {
+                index,
+                last,
+                bytes: std::mem::take(&mut self.body),
+            }),
+            Sink::Contiguous(plaintext) => self.verified_len = plaintext.len(),
+        }
         Ok(rest)
+    }
+}
+
+/// Where a [`ShardOpener`] puts what it decrypts.
+enum Sink<'a> {
+    /// One buffer per chunk, handed to the caller.
+    Chunks(&'a mut Vec<PlaintextChunk>),
+    /// Appended to one buffer holding the whole shard ([`ShardPlaintextOpener`]).
+    Contiguous(&'a mut SecretBytes),
+}
+
+/// Opens a whole shard into one contiguous secret buffer, as the ciphertext arrives.
+///
+/// Each chunk's ciphertext is copied once, to the end of the plaintext buffer, and
+/// decrypted there in place: no per-chunk allocation, no second copy, no per-chunk wipe.
+/// The authentication is the same as [`ShardOpener`]'s (it is one inside): every chunk is
+/// verified before the next is accepted, and [`finish`](Self::finish) returns the plaintext
+/// only if the last chunk arrived and verified.
+///
+/// Sized from the manifest's `plaintext_size`, the buffer never grows; a wrong hint only
+/// costs a reallocation (the old allocation is wiped).
+pub struct ShardPlaintextOpener {
+    opener: ShardOpener,
+    plaintext: SecretBytes,
+}
+
+impl fmt::Debug for ShardPlaintextOpener {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ShardPlaintextOpener")
+            .field("opener", &self.opener)
+            .field("verified_len", &self.opener.verified_len)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ShardPlaintextOpener {
+    /// Starts opening a shard bound to `expected`, reserving room for `size_hint` plaintext
+    /// bytes (capped at 1 GiB: the hint is reserved before any byte is authenticated).
+    pub fn new(key: &ShardKey, expected: ShardBinding, size_hint: usize) -> Self {
+        Self {
+            opener: ShardOpener::new(key, expected),
+            // The last chunk's tag is gathered after its plaintext before it is cut off.
+            plaintext: SecretBytes::with_capacity(size_hint.min(1 << 30).saturating_add(TAG_LEN)),
+        }
+    }
+
+    /// Takes the next ciphertext bytes (split anywhere), decrypting every chunk they
+    /// complete. After an error the opener refuses further input.
+    pub fn update(&mut self, bytes: &[u8]) -> Result<(), Error> {
+        let opener = &mut self.opener;
+        if matches!(opener.state, OpenerState::Failed) {
+            return Err(Error::ShardStreamFailed);
+        }
+        match opener.consume(bytes, Sink::Contiguous(&mut self.plaintext)) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                opener.state = OpenerState::Failed;
+                // Nothing of a failed shard is handed out; wipe what was opened so far.
+                self.plaintext.truncate(0);
+                Err(e)
+            }
+        }
+    }
+
+    /// Plaintext bytes verified so far.
+    pub fn verified_len(&self) -> u64 {
+        self.opener.plaintext_len
+    }
+
+    /// Ends the stream: the whole plaintext if the last chunk arrived and verified.
+    pub fn finish(mut self) -> Result<(SecretBytes, ShardStats), Error> {
+        let plaintext = std::mem::take(&mut self.plaintext);
+        let stats = self.opener.finish()?;
+        Ok((plaintext, stats))
     }
 }
 
@@ -697,11 +790,8 @@ pub fn open_shard(
     mut ciphertext: impl Read,
     size_hint: usize,
 ) -> Result<SecretBytes, Error> {
-    let mut opener = ShardOpener::new(key, expected);
-    // Cap the hint: it comes from a manifest and is reserved before any byte is checked.
-    // Larger shards still open; the buffer grows (wiping what it leaves behind).
-    let mut plaintext = SecretBytes::with_capacity(size_hint.min(1 << 30));
-    let mut buf = vec![0u8; 256 << 10];
+    let mut opener = ShardPlaintextOpener::new(key, expected, size_hint);
+    let mut buf = vec![0u8; 1 << 20];
     loop {
         let n = match ciphertext.read(&mut buf) {
             Ok(0) => break,
@@ -709,11 +799,9 @@ pub fn open_shard(
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e.into()),
         };
-        for chunk in opener.update(&buf[..n])? {
-            plaintext.extend_from_slice(chunk.expose_secret());
-        }
+        opener.update(&buf[..n])?;
     }
-    opener.finish()?;
+    let (plaintext, _) = opener.finish()?;
     Ok(plaintext)
 }
 

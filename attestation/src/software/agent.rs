@@ -16,7 +16,7 @@ use tokio::task::JoinSet;
 use crate::error::AttestationError;
 use crate::evidence::{Evidence, Quote, TeeKind};
 use crate::software::PlatformKey;
-use crate::software::caller::CallerIdentity;
+use crate::software::caller::{CallerIdentity, MeasurementCache};
 use crate::software::protocol;
 
 /// How long a client has to send its request, and the agent to measure and answer, unless
@@ -31,9 +31,14 @@ pub const DEFAULT_AGENT_MAX_CONNECTIONS: usize = 64;
 /// the caller's 64 bytes of report data, hashes `/proc/<pid>/exe` itself, checks that the
 /// caller neither exited nor executed another program meanwhile, and answers with evidence
 /// signed by the platform key. The caller never states a measurement.
+///
+/// Each executable is hashed once and remembered by its file identity (device, inode,
+/// size, mtime, ctime), read through the descriptor the agent hashes from; any change to
+/// the file means a new hash. `caller.rs` says what this trusts.
 #[derive(Debug)]
 pub struct QuotingAgent {
     key: Arc<PlatformKey>,
+    measurements: Arc<MeasurementCache>,
     request_timeout: Duration,
     max_connections: usize,
 }
@@ -43,6 +48,7 @@ impl QuotingAgent {
     pub fn new(key: PlatformKey) -> Self {
         Self {
             key: Arc::new(key),
+            measurements: Arc::default(),
             request_timeout: DEFAULT_AGENT_REQUEST_TIMEOUT,
             max_connections: DEFAULT_AGENT_MAX_CONNECTIONS,
         }
@@ -90,9 +96,10 @@ impl QuotingAgent {
                 },
             };
             let key = self.key.clone();
+            let measurements = self.measurements.clone();
             let timeout = self.request_timeout;
             connections.spawn(async move {
-                serve_connection(stream, key, timeout).await;
+                serve_connection(stream, key, measurements, timeout).await;
                 drop(slot);
             });
         }
@@ -101,8 +108,13 @@ impl QuotingAgent {
     }
 }
 
-async fn serve_connection(mut stream: UnixStream, key: Arc<PlatformKey>, timeout: Duration) {
-    let response = tokio::time::timeout(timeout, quote_for_caller(&mut stream, &key))
+async fn serve_connection(
+    mut stream: UnixStream,
+    key: Arc<PlatformKey>,
+    measurements: Arc<MeasurementCache>,
+    timeout: Duration,
+) {
+    let response = tokio::time::timeout(timeout, quote_for_caller(&mut stream, &key, measurements))
         .await
         .unwrap_or(Err(AttestationError::Timeout("quote request")));
     match &response {
@@ -119,6 +131,7 @@ async fn serve_connection(mut stream: UnixStream, key: Arc<PlatformKey>, timeout
 async fn quote_for_caller(
     stream: &mut UnixStream,
     key: &PlatformKey,
+    measurements: Arc<MeasurementCache>,
 ) -> Result<Evidence, AttestationError> {
     let credentials = stream
         .peer_cred()
@@ -133,8 +146,14 @@ async fn quote_for_caller(
     // with unread data resets it, and the caller would lose the refusal's reason.
     let report_data = protocol::read_request(stream).await;
     let (caller, report_data) = (caller?, report_data?);
-    let measurement = blocking(move || caller.measure()).await?;
-    tracing::info!(pid = caller.pid(), %measurement, "measured caller");
+    let cache = measurements.clone();
+    let measurement = blocking(move || caller.measure(&cache)).await?;
+    tracing::info!(
+        pid = caller.pid(),
+        %measurement,
+        executables_hashed = measurements.hashes(),
+        "measured caller"
+    );
     key.sign_quote(&Quote {
         tee: TeeKind::SoftwareTee,
         measurement,

@@ -1,11 +1,41 @@
 //! Measuring the process on the other end of the agent's socket, from `/proc`.
 //!
 //! Everything here blocks (file reads); the agent runs it on tokio's blocking pool.
+//!
+//! # The measurement cache
+//!
+//! Hashing the caller's executable on every quote costs a full read and SHA-256 of a file
+//! that may be hundreds of megabytes, on every function cold start. The agent therefore
+//! remembers each executable's measurement, keyed by the file's identity as the kernel
+//! reports it through the descriptor the agent opened on `/proc/<pid>/exe` (the very
+//! file the process runs): device, inode, size, and modification and status-change
+//! times in nanoseconds ([`ExecutableIdentity`]). The identity is read before hashing and
+//! again after; a measurement is cached only if the two agree, and any difference on a
+//! later quote means the file is hashed again.
+//!
+//! What this trusts: that a file's content cannot change while its status-change time
+//! (ctime) stays the same. Any write, truncation or `utimensat` sets ctime to the current
+//! time, and no system call lets an unprivileged user set it back, so an in-place rewrite
+//! (even one that restores size and mtime) gives a new identity. A replaced file (rename
+//! over, or delete and recreate) is another inode, or the same inode number with a new
+//! ctime. While a process runs a file, the kernel also refuses to open it for writing
+//! (`ETXTBSY`).
+//!
+//! What it does not protect against: root, who can set the clock back, write the block
+//! device underneath the filesystem, or edit inode times offline; a filesystem that
+//! does not keep ctime honestly (a network filesystem whose server lies, a FUSE
+//! filesystem run by the attacker); and timestamps coarser than the time between two
+//! writes, which matters only for a file modified again within one clock tick of the
+//! version that was measured. A software TEE trusts root and the host kernel anyway (see
+//! the crate documentation); a hardware TEE measures in the CPU and needs no such cache.
 
+use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::{self, Read};
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use ring::digest;
 
@@ -25,6 +55,63 @@ impl FileId {
             dev: metadata.dev(),
             ino: metadata.ino(),
         }
+    }
+}
+
+/// What identifies an executable's content without reading it (see the module docs for
+/// what this trusts).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub(crate) struct ExecutableIdentity {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime_ns: i128,
+    ctime_ns: i128,
+}
+
+impl ExecutableIdentity {
+    fn of(metadata: &fs::Metadata) -> Self {
+        let ns = |secs: i64, nanos: i64| i128::from(secs) * 1_000_000_000 + i128::from(nanos);
+        Self {
+            dev: metadata.dev(),
+            ino: metadata.ino(),
+            size: metadata.size(),
+            mtime_ns: ns(metadata.mtime(), metadata.mtime_nsec()),
+            ctime_ns: ns(metadata.ctime(), metadata.ctime_nsec()),
+        }
+    }
+}
+
+/// How many executables the agent remembers; when full it forgets them all (a host runs
+/// a handful of function builds, and forgetting only costs a hash).
+const MEASUREMENT_CACHE_ENTRIES: usize = 64;
+
+/// Measurements of executables already hashed, by [`ExecutableIdentity`].
+#[derive(Debug, Default)]
+pub(crate) struct MeasurementCache {
+    measurements: Mutex<HashMap<ExecutableIdentity, Measurement>>,
+    hashes: AtomicU64,
+}
+
+impl MeasurementCache {
+    /// How many executables were hashed (cache misses) so far.
+    pub(crate) fn hashes(&self) -> u64 {
+        self.hashes.load(Ordering::Relaxed)
+    }
+
+    fn get(&self, identity: &ExecutableIdentity) -> Option<Measurement> {
+        // A panic while holding the lock cannot leave the map inconsistent (each
+        // operation is one call), so a poisoned lock is still usable.
+        let map = self.measurements.lock().unwrap_or_else(|e| e.into_inner());
+        map.get(identity).copied()
+    }
+
+    fn insert(&self, identity: ExecutableIdentity, measurement: Measurement) {
+        let mut map = self.measurements.lock().unwrap_or_else(|e| e.into_inner());
+        if map.len() >= MEASUREMENT_CACHE_ENTRIES {
+            map.clear();
+        }
+        map.insert(identity, measurement);
     }
 }
 
@@ -87,26 +174,40 @@ impl CallerIdentity {
         self.pid
     }
 
-    /// Hashes the executable of the process identified earlier, and checks that the process
-    /// is still the same one, running the same file, after hashing: a process that exited
-    /// (its pid possibly reused) or executed another program is refused with
-    /// [`AttestationError::CallerChanged`], and a traced one with
+    /// Measures the executable of the process identified earlier: from `cache` if this
+    /// very file (same [`ExecutableIdentity`]) was hashed before, else by hashing it.
+    /// Then checks that the process is still the same one, running the same file: a
+    /// process that exited (its pid possibly reused) or executed another program is
+    /// refused with [`AttestationError::CallerChanged`], and a traced one with
     /// [`AttestationError::CallerTraced`] (its tracer could make it send anything).
-    pub(crate) fn measure(&self) -> Result<Measurement, AttestationError> {
+    pub(crate) fn measure(
+        &self,
+        cache: &MeasurementCache,
+    ) -> Result<Measurement, AttestationError> {
         let pid = self.pid;
         // Opening the magic link opens the very file the process runs, even if its path
         // has since been renamed or replaced; the open file cannot change under us.
         let mut exe = File::open(proc_path(pid, "exe")).map_err(not_measurable(pid))?;
-        let opened = FileId::of(&exe.metadata().map_err(not_measurable(pid))?);
-        let mut ctx = digest::Context::new(&digest::SHA256);
-        let mut buf = vec![0u8; 256 * 1024];
-        loop {
-            let n = exe.read(&mut buf).map_err(not_measurable(pid))?;
-            if n == 0 {
-                break;
+        let before = ExecutableIdentity::of(&exe.metadata().map_err(not_measurable(pid))?);
+        let opened = FileId {
+            dev: before.dev,
+            ino: before.ino,
+        };
+        let measurement = match cache.get(&before) {
+            Some(measurement) => measurement,
+            None => {
+                let measurement = hash_file(&mut exe).map_err(not_measurable(pid))?;
+                cache.hashes.fetch_add(1, Ordering::Relaxed);
+                let after = ExecutableIdentity::of(&exe.metadata().map_err(not_measurable(pid))?);
+                if after != before {
+                    // The file changed while it was read: what was hashed is no version
+                    // of it.
+                    return Err(AttestationError::CallerChanged { pid });
+                }
+                cache.insert(before, measurement);
+                measurement
             }
-            ctx.update(&buf[..n]);
-        }
+        };
         let status = fs::read_to_string(proc_path(pid, "status")).map_err(not_measurable(pid))?;
         match parse_tracer_pid(&status) {
             Some(0) => {}
@@ -122,10 +223,26 @@ impl CallerIdentity {
         if now != *self || opened != self.exe {
             return Err(AttestationError::CallerChanged { pid });
         }
-        let mut measurement = [0u8; 32];
-        measurement.copy_from_slice(ctx.finish().as_ref());
-        Ok(Measurement(measurement))
+        Ok(measurement)
     }
+}
+
+/// SHA-256 of a whole file (ring uses the CPU's SHA extensions where it has them).
+fn hash_file(file: &mut File) -> io::Result<Measurement> {
+    let mut ctx = digest::Context::new(&digest::SHA256);
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = match file.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        ctx.update(&buf[..n]);
+    }
+    let mut measurement = [0u8; 32];
+    measurement.copy_from_slice(ctx.finish().as_ref());
+    Ok(Measurement(measurement))
 }
 
 #[cfg(test)]
@@ -153,7 +270,11 @@ mod tests {
         let identity = CallerIdentity::of(pid).unwrap();
         let exe = fs::read(std::env::current_exe().unwrap()).unwrap();
         let expected = digest::digest(&digest::SHA256, &exe);
-        assert_eq!(identity.measure().unwrap().0.as_slice(), expected.as_ref());
+        let cache = MeasurementCache::default();
+        assert_eq!(
+            identity.measure(&cache).unwrap().0.as_slice(),
+            expected.as_ref()
+        );
     }
 
     #[test]
@@ -184,12 +305,119 @@ mod tests {
         while fs::metadata(proc_path(pid, "exe")).unwrap().ino() == python_exe {
             std::thread::yield_now();
         }
-        let result = before.measure();
+        let result = before.measure(&MeasurementCache::default());
         child.kill().unwrap();
         child.wait().unwrap();
         assert!(
             matches!(result, Err(AttestationError::CallerChanged { pid: p }) if p == pid),
             "{result:?}"
         );
+    }
+
+    /// Runs `program` (with `args`) and waits until it has executed it.
+    fn spawn_running(program: &std::path::Path, args: &[&str]) -> std::process::Child {
+        // Another thread of the test harness may fork while the copy is open for writing,
+        // which makes exec fail with ETXTBSY for a moment: retry.
+        let mut attempts = 0;
+        let child = loop {
+            match std::process::Command::new(program).args(args).spawn() {
+                Ok(child) => break child,
+                Err(e) if e.raw_os_error() == Some(26) && attempts < 100 => {
+                    attempts += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                Err(e) => panic!("spawning {}: {e}", program.display()),
+            }
+        };
+        let pid = i32::try_from(child.id()).unwrap();
+        let target = fs::canonicalize(program).unwrap();
+        while fs::read_link(proc_path(pid, "exe")).ok().as_deref() != Some(target.as_path()) {
+            std::thread::yield_now();
+        }
+        child
+    }
+
+    fn measure_child(child: &std::process::Child, cache: &MeasurementCache) -> Measurement {
+        let pid = i32::try_from(child.id()).unwrap();
+        CallerIdentity::of(pid).unwrap().measure(cache).unwrap()
+    }
+
+    #[test]
+    fn the_same_executable_is_hashed_once_and_a_modified_copy_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let program = dir.path().join("sleeper");
+        fs::copy("/bin/sleep", &program).unwrap();
+        let cache = MeasurementCache::default();
+
+        let mut first = spawn_running(&program, &["30"]);
+        let mut second = spawn_running(&program, &["30"]);
+        let original = measure_child(&first, &cache);
+        assert_eq!(measure_child(&second, &cache), original);
+        assert_eq!(measure_child(&first, &cache), original);
+        assert_eq!(
+            cache.hashes(),
+            1,
+            "one executable, measured three times, hashed once"
+        );
+        let expected = digest::digest(&digest::SHA256, &fs::read(&program).unwrap());
+        assert_eq!(original.0.as_slice(), expected.as_ref());
+        for child in [&mut first, &mut second] {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+
+        // Modify the same file in place (same inode): one byte appended to the ELF.
+        let inode = fs::metadata(&program).unwrap().ino();
+        {
+            use std::io::Write;
+            let mut file = fs::OpenOptions::new().append(true).open(&program).unwrap();
+            file.write_all(&[0]).unwrap();
+        }
+        assert_eq!(fs::metadata(&program).unwrap().ino(), inode);
+        let mut modified = spawn_running(&program, &["30"]);
+        let changed = measure_child(&modified, &cache);
+        modified.kill().unwrap();
+        modified.wait().unwrap();
+        assert_ne!(changed, original);
+        let expected = digest::digest(&digest::SHA256, &fs::read(&program).unwrap());
+        assert_eq!(changed.0.as_slice(), expected.as_ref());
+        assert_eq!(cache.hashes(), 2);
+    }
+
+    #[test]
+    fn an_in_place_rewrite_that_restores_size_and_mtime_is_hashed_again() {
+        // Same size, mtime set back: only ctime tells the files apart.
+        let dir = tempfile::tempdir().unwrap();
+        let program = dir.path().join("sleeper");
+        fs::copy("/bin/sleep", &program).unwrap();
+        let cache = MeasurementCache::default();
+        let mut child = spawn_running(&program, &["30"]);
+        let original = measure_child(&child, &cache);
+        child.kill().unwrap();
+        child.wait().unwrap();
+
+        let before = fs::metadata(&program).unwrap();
+        let mut bytes = fs::read(&program).unwrap();
+        // The last byte of an ELF file is section header data no loader reads at run time.
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0x01;
+        {
+            use std::io::{Seek, SeekFrom, Write};
+            let mut file = fs::OpenOptions::new().write(true).open(&program).unwrap();
+            file.seek(SeekFrom::Start(last as u64)).unwrap();
+            file.write_all(&bytes[last..]).unwrap();
+            file.set_modified(before.modified().unwrap()).unwrap();
+        }
+        let after = fs::metadata(&program).unwrap();
+        assert_eq!(
+            (after.size(), after.mtime(), after.mtime_nsec()),
+            (before.size(), before.mtime(), before.mtime_nsec())
+        );
+        let mut child = spawn_running(&program, &["30"]);
+        let rewritten = measure_child(&child, &cache);
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert_ne!(rewritten, original);
+        assert_eq!(cache.hashes(), 2);
     }
 }

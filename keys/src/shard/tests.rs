@@ -257,3 +257,84 @@ fn sealer_debug_shows_no_key() {
         "{shown}"
     );
 }
+
+/// Feeds `ciphertext` to a [`ShardPlaintextOpener`] in pieces of `piece` bytes.
+fn open_contiguous(
+    key: &ShardKey,
+    binding: &ShardBinding,
+    ciphertext: &[u8],
+    piece: usize,
+    size_hint: usize,
+) -> Result<(SecretBytes, ShardStats), Error> {
+    let mut opener = ShardPlaintextOpener::new(key, binding.clone(), size_hint);
+    for bytes in ciphertext.chunks(piece) {
+        opener.update(bytes)?;
+    }
+    opener.finish()
+}
+
+#[test]
+fn the_contiguous_opener_gives_the_same_plaintext_for_any_split_and_hint() {
+    let key = ShardKey::generate().unwrap();
+    let b = binding(0);
+    for len in [0, 1, CHUNK - 1, CHUNK, CHUNK + 1, 10 * CHUNK + 17] {
+        let data = plaintext(len);
+        let ct = seal(&key, &b, CHUNK, &data);
+        // Pieces smaller than a frame, straddling chunks, and the whole shard at once;
+        // an exact size hint, none, and a wrong one.
+        for piece in [1, 7, CHUNK + 3, ct.len().max(1)] {
+            for hint in [len, 0, len / 2 + 1] {
+                let (opened, stats) = open_contiguous(&key, &b, &ct, piece, hint).unwrap();
+                assert_eq!(
+                    opened.expose_secret(),
+                    data.as_slice(),
+                    "len {len} piece {piece}"
+                );
+                assert_eq!(stats.plaintext_len, len as u64);
+                assert_eq!(stats.ciphertext_len, ct.len() as u64);
+            }
+        }
+    }
+}
+
+#[test]
+fn the_contiguous_opener_names_the_chunk_that_fails_and_keeps_nothing() {
+    let key = ShardKey::generate().unwrap();
+    let b = binding(0);
+    let mut ct = seal(&key, &b, CHUNK, &plaintext(3 * CHUNK));
+    // A bit flip in the second chunk's ciphertext.
+    let second_body = b.header_len() + (FRAME_LEN + CHUNK + TAG_LEN) + FRAME_LEN + 1;
+    ct[second_body] ^= 1;
+    let mut opener = ShardPlaintextOpener::new(&key, b.clone(), 3 * CHUNK);
+    assert!(matches!(
+        opener.update(&ct),
+        Err(Error::ShardChunkAuthFailed { chunk: 1 })
+    ));
+    assert_eq!(
+        opener.plaintext.len(),
+        0,
+        "no plaintext is kept after a failure"
+    );
+    assert!(matches!(opener.update(b"x"), Err(Error::ShardStreamFailed)));
+    assert!(matches!(opener.finish(), Err(Error::ShardStreamFailed)));
+}
+
+#[test]
+fn the_contiguous_opener_refuses_a_truncated_or_misbound_shard() {
+    let key = ShardKey::generate().unwrap();
+    let ct = seal(&key, &binding(0), CHUNK, &plaintext(3 * CHUNK + 1));
+    let truncated = &ct[..ct.len() - (FRAME_LEN + 1 + TAG_LEN)];
+    assert!(matches!(
+        open_contiguous(&key, &binding(0), truncated, 64, 0),
+        Err(Error::ShardTruncated)
+    ));
+    assert!(matches!(
+        open_contiguous(&key, &binding(1), &ct, 64, 0),
+        Err(Error::ShardBindingMismatch { .. })
+    ));
+    let other_key = ShardKey::generate().unwrap();
+    assert!(matches!(
+        open_contiguous(&other_key, &binding(0), &ct, 64, 0),
+        Err(Error::ShardChunkAuthFailed { chunk: 0 })
+    ));
+}
