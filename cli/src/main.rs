@@ -3,6 +3,7 @@
 use clap::{Parser, Subcommand};
 
 mod audit;
+mod bench;
 mod broker;
 mod coordinator;
 mod coordinator_platform;
@@ -55,6 +56,8 @@ enum Command {
     Usage(usage::UsageArgs),
     /// Serve the Open Inference Protocol (KServe v2 gRPC) locally, sealing every request.
     Proxy(proxy::ProxyArgs),
+    /// Measure the sealed pipeline against plain tract, side by side in one run.
+    Bench(bench::BenchArgs),
 }
 
 // `shardseal function` runs stage functions from this executable, so it wipes freed memory
@@ -92,6 +95,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Plan(args) => plan::run(args),
         Command::Usage(args) => usage::run(args),
         Command::Proxy(args) => proxy::run(args),
+        Command::Bench(args) => bench::run(args),
     }
 }
 
