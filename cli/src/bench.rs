@@ -274,6 +274,10 @@ async fn bench(args: &BenchArgs) -> anyhow::Result<()> {
         }
     }
 
+    if variants.is_empty() {
+        bail!("the planner could cut {base_id} into none of the stage counts asked for");
+    }
+
     say("starting the quoting agent, the key broker and the coordinator");
     let mut stack = Stack::start(&state, &[owner.verifying_key()]).await?;
     // One replica per stage, kept for the whole run: see the module doc.
