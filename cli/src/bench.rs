@@ -43,6 +43,9 @@ use plain_tract::{BatchProbe, LoadPhases, batch_probe, load_phases};
 
 const MIB: f64 = (1u64 << 20) as f64;
 
+/// Throughput phases run in this many rounds (fewer when there are fewer requests).
+const THROUGHPUT_ROUNDS: usize = 3;
+
 /// Measure the sealed pipeline against plain tract on the same machine, in one run.
 #[derive(Debug, clap::Args)]
 #[command(
@@ -495,8 +498,7 @@ async fn measure(
         }
     }
 
-    // Throughput: plain tract at each parallelism, then the sealed pipeline at
-    // --concurrency.
+    // Throughput: plain tract at each parallelism and the sealed pipeline at --concurrency.
     let mut parallelisms = if args.plain_parallelism.is_empty() {
         let cores = std::thread::available_parallelism().map_or(1, usize::from);
         vec![1, cores, args.concurrency]
@@ -506,18 +508,33 @@ async fn measure(
     parallelisms.sort_unstable();
     parallelisms.dedup();
     parallelisms.retain(|&p| p > 0);
-    let mut plain_rps_by_parallelism = Vec::new();
-    for &p in &parallelisms {
-        let rps = plain_throughput(plain.clone(), &inputs, args.requests, p).await?;
-        plain_rps_by_parallelism.push((p, rps));
+    // In rounds, every configuration once per round, so a burst of load from elsewhere on
+    // the machine lands on all of them rather than on one.
+    let rounds = THROUGHPUT_ROUNDS.min(args.requests);
+    let mut plain_seconds = vec![0.0; parallelisms.len()];
+    let mut sealed_seconds = 0.0;
+    let mut done = 0;
+    for round in 0..rounds {
+        // Split the requests as evenly as the rounds allow.
+        let n = (args.requests * (round + 1)) / rounds - done;
+        done += n;
+        for (k, &p) in parallelisms.iter().enumerate() {
+            plain_seconds[k] += n as f64 / plain_throughput(plain.clone(), &inputs, n, p).await?;
+        }
+        let (rps, _) = sealed_throughput(client, model, &inputs, n, args.concurrency).await?;
+        sealed_seconds += n as f64 / rps;
     }
+    let plain_rps_by_parallelism: Vec<(usize, f64)> = parallelisms
+        .iter()
+        .zip(&plain_seconds)
+        .map(|(&p, &seconds)| (p, args.requests as f64 / seconds))
+        .collect();
     let (plain_best_parallelism, plain_rps) = plain_rps_by_parallelism
         .iter()
         .copied()
         .max_by(|a, b| a.1.total_cmp(&b.1))
         .unwrap_or((1, f64::NAN));
-    let (sealed_rps, _) =
-        sealed_throughput(client, model, &inputs, args.requests, args.concurrency).await?;
+    let sealed_rps = args.requests as f64 / sealed_seconds;
 
     // Memory and cold starts, per stage.
     if replicas.len() != v.stages {

@@ -6,6 +6,7 @@
 //! apart, so a function's `load_ms` and `optimize_ms` have a plain counterpart.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
@@ -75,10 +76,17 @@ pub(super) struct BatchProbe {
 /// Runs the batch probe; a model tract cannot rebatch gives a probe holding the reason.
 pub(super) fn batch_probe(onnx: &[u8], batch: usize, runs: usize) -> BatchProbe {
     let result = (|| -> anyhow::Result<(f64, f64)> {
-        let single = median_run_ms(onnx, 1, runs).context("at batch 1")?;
-        let batched =
-            median_run_ms(onnx, batch, runs).with_context(|| format!("at batch {batch}"))?;
-        Ok((single, batched))
+        let single = Rebatched::load(onnx, 1).context("at batch 1")?;
+        let batched = Rebatched::load(onnx, batch).with_context(|| format!("at batch {batch}"))?;
+        single.run()?;
+        batched.run()?;
+        // Alternated, so load from elsewhere on the machine lands on both.
+        let (mut single_ms, mut batched_ms) = (Vec::new(), Vec::new());
+        for _ in 0..runs.max(1) {
+            single_ms.push(single.run()?);
+            batched_ms.push(batched.run()?);
+        }
+        Ok((median(&mut single_ms), median(&mut batched_ms)))
     })();
     match result {
         Ok((single, batched)) => BatchProbe {
@@ -100,48 +108,58 @@ pub(super) fn batch_probe(onnx: &[u8], batch: usize, runs: usize) -> BatchProbe 
     }
 }
 
-/// The median of `runs` runs (after one untimed run) of the model rebatched to `batch`,
-/// on seeded inputs.
-fn median_run_ms(onnx: &[u8], batch: usize, runs: usize) -> anyhow::Result<f64> {
-    let framework = tract_onnx::onnx();
-    let mut proto = framework
-        .proto_model_for_read(&mut &onnx[..])
-        .context("parsing the ONNX model")?;
-    let shapes = rebatch(&mut proto, batch)?;
-    let mut model = framework.model_for_proto_model(&proto)?;
-    for (ix, shape) in shapes.iter().enumerate() {
-        model.set_input_fact(ix, f32::fact(shape).into())?;
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// The whole model planned by tract at one batch size, with seeded inputs of that size.
+struct Rebatched {
+    plan: Arc<TypedRunnableModel>,
+    inputs: TVec<TValue>,
+}
+
+impl Rebatched {
+    fn load(onnx: &[u8], batch: usize) -> anyhow::Result<Self> {
+        let framework = tract_onnx::onnx();
+        let mut proto = framework
+            .proto_model_for_read(&mut &onnx[..])
+            .context("parsing the ONNX model")?;
+        let shapes = rebatch(&mut proto, batch)?;
+        let mut model = framework.model_for_proto_model(&proto)?;
+        for (ix, shape) in shapes.iter().enumerate() {
+            model.set_input_fact(ix, f32::fact(shape).into())?;
+        }
+        let plan = model.into_optimized()?.into_runnable()?;
+        let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+        let inputs = shapes
+            .iter()
+            .map(|shape| {
+                let count: usize = shape.iter().product();
+                let values: Vec<f32> = (0..count)
+                    .map(|_| {
+                        seed ^= seed << 13;
+                        seed ^= seed >> 7;
+                        seed ^= seed << 17;
+                        ((seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+                    })
+                    .collect();
+                Ok(
+                    tract_ndarray::Array::from_shape_vec(shape.as_slice(), values)?
+                        .into_tensor()
+                        .into_tvalue(),
+                )
+            })
+            .collect::<anyhow::Result<_>>()?;
+        Ok(Self { plan, inputs })
     }
-    let plan = model.into_optimized()?.into_runnable()?;
-    let mut seed = 0x9E37_79B9_7F4A_7C15u64;
-    let inputs: TVec<TValue> = shapes
-        .iter()
-        .map(|shape| {
-            let count: usize = shape.iter().product();
-            let values: Vec<f32> = (0..count)
-                .map(|_| {
-                    seed ^= seed << 13;
-                    seed ^= seed >> 7;
-                    seed ^= seed << 17;
-                    ((seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-                })
-                .collect();
-            Ok(
-                tract_ndarray::Array::from_shape_vec(shape.as_slice(), values)?
-                    .into_tensor()
-                    .into_tvalue(),
-            )
-        })
-        .collect::<anyhow::Result<_>>()?;
-    plan.run(inputs.clone())?;
-    let mut times = Vec::with_capacity(runs);
-    for _ in 0..runs.max(1) {
+
+    /// One run, in milliseconds.
+    fn run(&self) -> anyhow::Result<f64> {
         let t = Instant::now();
-        plan.run(inputs.clone())?;
-        times.push(ms_since(t));
+        self.plan.run(self.inputs.clone())?;
+        Ok(ms_since(t))
     }
-    times.sort_by(f64::total_cmp);
-    Ok(times[times.len() / 2])
 }
 
 /// Sets the first dimension of every graph input to `batch`, and lets the reshapes that pin
