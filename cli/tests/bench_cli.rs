@@ -119,12 +119,15 @@ fn bench_json_reports_every_field_for_each_stage_count() {
         for (i, stage) in cold.iter().enumerate() {
             assert_eq!(stage["stage"], i);
             let ready = number(stage, "spawn_to_ready_ms");
-            // Every function build logs its own total and its attestation time; the rest
-            // of the spawn-to-ready time is process start.
+            // Every function build logs its own total and its attestation time, and the
+            // benchmark finds its process start (logged, or the rest of spawn to ready).
             let total = number(stage, "total_ms");
             assert!(number(stage, "attest_ms") > 0.0 && total >= number(stage, "attest_ms"));
             let process = number(stage, "process_start_ms");
-            assert!(process >= 0.0 && (process + total - ready).abs() < 1e-6 * ready);
+            assert!(
+                process >= 0.0 && process <= ready,
+                "process start {process} ms"
+            );
             let plain = number(stage, "plain_load_ms");
             assert!(plain > 0.0);
             assert!((number(stage, "ratio") - ready / plain).abs() < 1e-9 * (ready / plain));

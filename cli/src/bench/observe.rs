@@ -32,6 +32,10 @@ pub(super) struct ReplicaReady {
 /// `fetch_decrypt_ms` and a `load_ms` that includes tract's optimisation.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub(super) struct FunctionColdStart {
+    /// Process start (fork) to the cold start's first step, when the function logs it.
+    pub startup_ms: Option<f64>,
+    /// TLS to the broker and its identity, when logged apart from `attest_ms`.
+    pub connect_ms: Option<f64>,
     /// Quote from the agent, attestation and key release by the broker.
     pub attest_ms: Option<f64>,
     /// Reading the sealed shard from the store.
@@ -44,7 +48,8 @@ pub(super) struct FunctionColdStart {
     pub load_ms: Option<f64>,
     /// Tract optimising and planning the parsed shard.
     pub optimize_ms: Option<f64>,
-    /// From the function's first instruction of its cold start to ready.
+    /// The function's cold-start total: from its process start when it logs
+    /// `startup_ms`, from the cold start's first step otherwise.
     pub total_ms: Option<f64>,
     /// Plaintext bytes of the shard.
     pub shard_bytes: Option<u64>,
@@ -87,6 +92,8 @@ pub(super) fn function_cold_start(function_log: &Path) -> Option<FunctionColdSta
     let fetch_ms = get("fetch_ms");
     let decrypt_ms = get("decrypt_ms");
     Some(FunctionColdStart {
+        startup_ms: get("startup_ms"),
+        connect_ms: get("connect_ms"),
         attest_ms: get("attest_ms"),
         fetch_ms,
         decrypt_ms,
@@ -188,20 +195,23 @@ mod tests {
             &log,
             "2026-01-01T00:00:00.000001Z  INFO shardseal_function::entry: listening\n\
              2026-01-01T00:00:00.000002Z  INFO shardseal_function::entry: cold start \
-             model=m stage=0 attest_ms=10.5 fetch_ms=2 decrypt_ms=3.25 load_ms=15 \
-             optimize_ms=20 total_ms=51 shard_bytes=4096\n",
+             model=m stage=0 startup_ms=4 connect_ms=1.5 attest_ms=10.5 fetch_ms=2 \
+             decrypt_ms=3.25 load_ms=15 optimize_ms=20 total_ms=56.5 shard_bytes=4096 \
+             peak_rss_bytes=1048576\n",
         )
         .unwrap();
         assert_eq!(
             function_cold_start(&log),
             Some(FunctionColdStart {
+                startup_ms: Some(4.0),
+                connect_ms: Some(1.5),
                 attest_ms: Some(10.5),
                 fetch_ms: Some(2.0),
                 decrypt_ms: Some(3.25),
                 fetch_decrypt_ms: Some(5.25),
                 load_ms: Some(15.0),
                 optimize_ms: Some(20.0),
-                total_ms: Some(51.0),
+                total_ms: Some(56.5),
                 shard_bytes: Some(4096),
             })
         );
