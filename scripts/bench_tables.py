@@ -43,23 +43,26 @@ def main():
               f"| {fmt(r['throughput_ratio'], 3)} | {r['max_abs_diff']:.1e} |")
     print()
     print("| model | stages | slowest ready ms | cold/plain (worst stage) | whole-model plain load ms "
-          "| decrypt GB/s (memory / in functions) |")
-    print("|---|---|---|---|---|---|")
+          "| decrypt GB/s in memory (SHA-256 alone / opener alone) | fetch+decrypt GB/s in functions |")
+    print("|---|---|---|---|---|---|---|")
     for r in runs:
+        parts = r.get("decrypt_parts_gbps") or {}
         print(f"| {r['model']} | {r['stages']} | {fmt(r['cold_start_ms'])} "
               f"| {fmt(r['cold_start_ratio'], 2)} | {fmt(r['plain_load_ms'])} "
-              f"| {fmt(r['decrypt_gbps'], 2)} / {fmt(r['function_fetch_decrypt_gbps'], 2)} |")
+              f"| {fmt(r['decrypt_gbps'], 2)} ({fmt(parts.get('sha256'), 2)} / "
+              f"{fmt(parts.get('open'), 2)}) | {fmt(r['function_fetch_decrypt_gbps'], 2)} |")
     print()
-    print("| model | stage | ready | process | attest | fetch | decrypt | fetch+decrypt | load "
+    print("| model | stage | ready | process | connect | attest | fetch | decrypt | fetch+decrypt | load "
           "| optimise | plain parse | plain optimise | plain load | ready / plain | shard MiB "
           "| peak RSS MiB | RSS limit 1.5 x shard + 64 |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in runs:
         for c in r["stage_cold_start"]:
             i = c["stage"]
             shard = r["stage_shard_mb"][i]
             print(f"| {r['model']} | {i} | {fmt(c['spawn_to_ready_ms'])} "
-                  f"| {fmt(c['process_start_ms'])} | {fmt(c['attest_ms'])} "
+                  f"| {fmt(c['process_start_ms'])} | {fmt(c.get('connect_ms'))} "
+                  f"| {fmt(c['attest_ms'])} "
                   f"| {fmt(c['fetch_ms'])} | {fmt(c['decrypt_ms'])} "
                   f"| {fmt(c['fetch_decrypt_ms'])} | {fmt(c['load_ms'])} "
                   f"| {fmt(c['optimize_ms'])} | {fmt(c['plain_parse_ms'])} "
