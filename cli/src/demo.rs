@@ -97,28 +97,7 @@ async fn demo(args: &DemoArgs) -> anyhow::Result<DemoReport> {
             eprintln!("{msg}");
         }
     };
-    let (model_bytes, model_id) = match &args.model {
-        Some(path) => {
-            let bytes =
-                std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-            let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("model");
-            let id: String = stem
-                .chars()
-                .map(|c| {
-                    if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
-                        c
-                    } else {
-                        '-'
-                    }
-                })
-                .collect();
-            (bytes, ModelId::new(id)?)
-        }
-        None => (
-            shardseal_testkit::models::residual_cnn(&Default::default()),
-            ModelId::new("demo-cnn")?,
-        ),
-    };
+    let (model_bytes, model_id) = read_model(args.model.as_deref())?;
 
     let temp;
     let state = match &args.state {
@@ -163,19 +142,7 @@ async fn demo(args: &DemoArgs) -> anyhow::Result<DemoReport> {
     let mut stack = Stack::start(&state, &[owner.verifying_key()]).await?;
     let result = async {
         say("3/5 registering the model and its release policy with the broker");
-        let measurement = stack.function_measurement();
-        let stages = u32::try_from(stage_count)?;
-        let policy = OwnerReleasePolicy::same_for_all_stages(stages, &[measurement]);
-        let manifest_bytes = std::fs::read(out.join(MANIFEST_FILE))?;
-        shardseal_keys::broker::owner::register(
-            &stack.broker_url,
-            &stack.pki,
-            &owner,
-            &manifest_bytes,
-            &policy,
-        )
-        .await
-        .context("registering the model with the broker")?;
+        let stages = register(&stack, &owner, &out, stage_count).await?;
 
         say("4/5 starting the coordinator; functions attest and load their shards");
         let url = stack
@@ -244,6 +211,56 @@ async fn demo(args: &DemoArgs) -> anyhow::Result<DemoReport> {
     })
 }
 
+/// The bytes of `path`, and a model id made from its file name; the built-in residual CNN
+/// when no path is given.
+pub(crate) fn read_model(path: Option<&std::path::Path>) -> anyhow::Result<(Vec<u8>, ModelId)> {
+    Ok(match path {
+        Some(path) => {
+            let bytes =
+                std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+            let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("model");
+            let id: String = stem
+                .chars()
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                        c
+                    } else {
+                        '-'
+                    }
+                })
+                .collect();
+            (bytes, ModelId::new(id)?)
+        }
+        None => (
+            shardseal_testkit::models::residual_cnn(&Default::default()),
+            ModelId::new("demo-cnn")?,
+        ),
+    })
+}
+
+/// Registers the model provisioned in `out` with the stack's broker, releasing every
+/// stage's keys to this executable's measurement. Returns the stage count.
+pub(crate) async fn register(
+    stack: &Stack,
+    owner: &OwnerKeyStore,
+    out: &std::path::Path,
+    stage_count: usize,
+) -> anyhow::Result<u32> {
+    let stages = u32::try_from(stage_count)?;
+    let policy = OwnerReleasePolicy::same_for_all_stages(stages, &[stack.function_measurement()]);
+    let manifest_bytes = std::fs::read(out.join(MANIFEST_FILE))?;
+    shardseal_keys::broker::owner::register(
+        &stack.broker_url,
+        &stack.pki,
+        owner,
+        &manifest_bytes,
+        &policy,
+    )
+    .await
+    .context("registering the model with the broker")?;
+    Ok(stages)
+}
+
 fn print_report(r: &DemoReport) {
     println!(
         "model {} ({:.1} MB of weights) in {} stage(s), {} request(s)",
@@ -281,7 +298,7 @@ fn median(v: &mut [f64]) -> f64 {
 }
 
 /// The largest absolute difference between two sets of named outputs.
-fn compare(expected: &[HostTensor], actual: &[HostTensor]) -> anyhow::Result<f64> {
+pub(crate) fn compare(expected: &[HostTensor], actual: &[HostTensor]) -> anyhow::Result<f64> {
     let mut max = 0.0f64;
     for e in expected {
         let a = actual

@@ -3,6 +3,7 @@
 use clap::{Parser, Subcommand};
 
 mod audit;
+mod bench;
 mod broker;
 mod config;
 mod coordinator;
@@ -60,6 +61,8 @@ enum Command {
     /// Print a commented configuration file for a service role, or check one.
     #[command(subcommand)]
     Config(config::ConfigCommand),
+    /// Measure the sealed pipeline against plain tract, side by side in one run.
+    Bench(bench::BenchArgs),
 }
 
 // `shardseal function` runs stage functions from this executable, so it wipes freed memory
@@ -104,6 +107,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Usage(args) => usage::run(args),
         Command::Proxy(args) => proxy::run(args),
         Command::Config(command) => config::run(command),
+        Command::Bench(args) => bench::run(args),
     }
 }
 

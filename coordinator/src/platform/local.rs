@@ -109,6 +109,7 @@ impl Platform for LocalPlatform {
         let log_path = self.log_path(id);
         let log = std::fs::File::create(&log_path)
             .map_err(|e| Self::spawn_error(stage, format!("{}: {e}", log_path.display())))?;
+        let spawned_at = std::time::Instant::now();
 
         let mut command = Command::new(program);
         if let Some(limit) = &self.config.memory_limit {
@@ -183,6 +184,13 @@ impl Platform for LocalPlatform {
                 });
             }
         };
+        // Operators and `shardseal bench` read cold starts, and find the replica's
+        // process, from this line.
+        tracing::info!(
+            model = %stage.model, stage = stage.stage.0, replica = id, pid = child.id().unwrap_or(0),
+            spawn_to_ready_ms = spawned_at.elapsed().as_secs_f64() * 1e3,
+            "replica ready"
+        );
         // Keep draining stdout so a chatty function never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
         if let Ok(mut children) = self.children.lock() {

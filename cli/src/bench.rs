@@ -1,0 +1,1025 @@
+//! `shardseal bench`: what confidentiality costs, measured side by side in one run.
+//!
+//! One process tree: this process runs plain tract on the whole model (the unprotected
+//! baseline, same engine, same single-threaded kernels) and is also the data owner's
+//! client of the sealed pipeline, which runs through the same machinery as `shardseal
+//! up` (quoting agent, key broker, coordinator, one function process per stage, TLS on
+//! every hop, keys released only after attestation). Latency samples alternate plain and
+//! sealed requests, so machine noise lands on both.
+//!
+//! `--stages 1,2,4,8,16` provisions the model once per stage count and deploys every
+//! variant on one coordinator: the table shows what each cut costs. `--routing` measures
+//! the coordinator alone on a tiny model: requests per second and CPU per routed request.
+//!
+//! Every stage runs exactly one replica for the whole run (no autoscaling, no scale to
+//! zero): the figures are the pipeline's, not the autoscaler's, and no cold start falls
+//! inside a measured phase.
+
+mod observe;
+mod plain_tract;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use serde::Serialize;
+use shardseal_attestation::{ModelId, ModelVersion, StageIndex};
+use shardseal_coordinator::{Plan, PlanOptions};
+use shardseal_function::StageEngine;
+use shardseal_keys::{
+    DEFAULT_CHUNK_SIZE, OwnerKeyStore, ShardBinding, ShardKey, ShardOpener, seal_shard,
+};
+use shardseal_proto::tensor::HostTensor;
+use shardseal_sdk::Client;
+
+use crate::demo::{compare, random_inputs, read_model, register};
+use crate::provision::{ProvisionRequest, provision};
+use crate::stack::{Layout, Stack};
+
+use observe::{ReplicaReady, cpu_seconds, function_cold_start, own_cpu_seconds, peak_rss_bytes};
+use plain_tract::{BatchProbe, LoadPhases, batch_probe, load_phases};
+
+const MIB: f64 = (1u64 << 20) as f64;
+
+/// Throughput phases run in this many rounds (fewer when there are fewer requests).
+const THROUGHPUT_ROUNDS: usize = 3;
+
+/// Measure the sealed pipeline against plain tract on the same machine, in one run.
+#[derive(Debug, clap::Args)]
+#[command(
+    after_help = "Examples:\n  shardseal bench --model resnet50.onnx --stages 2 --concurrency 4 --requests 40\n  \
+shardseal bench --model resnet50.onnx --stages 1,2,4,8,16 --json\n  \
+shardseal bench --routing --requests 3000 --concurrency 32"
+)]
+pub(crate) struct BenchArgs {
+    /// An ONNX model with fixed input shapes (default: the demo's residual CNN; with
+    /// --routing, a tiny MLP).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Stage counts to compare, comma-separated (e.g. 1,2,4). A count the planner cannot
+    /// cut the model into is reported and skipped.
+    #[arg(long, value_delimiter = ',', default_value = "2")]
+    stages: Vec<usize>,
+    /// Sealed requests in flight at once in the throughput phase.
+    #[arg(long, default_value_t = 4)]
+    concurrency: usize,
+    /// Requests per phase (latency: this many of each, alternating; throughput: this many
+    /// per configuration).
+    #[arg(long, default_value_t = 20)]
+    requests: usize,
+    /// Untimed requests of each kind first (page faults, lazy TLS, tract scratch space).
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
+    /// Parallel plain-tract workers to try for its best throughput, comma-separated
+    /// (default: 1, the core count and --concurrency).
+    #[arg(long, value_delimiter = ',')]
+    plain_parallelism: Vec<usize>,
+    /// Also time plain tract on the whole model at this batch size against batch 1, to see
+    /// whether batching requests that wait at a stage would pay (0: skip).
+    #[arg(long, default_value_t = 4)]
+    batch_probe: usize,
+    /// Measure the coordinator alone: routed requests per second and CPU per request.
+    #[arg(long)]
+    routing: bool,
+    /// Print one JSON object per stage count (JSON Lines) instead of tables.
+    #[arg(long)]
+    json: bool,
+    /// Keep the state folder (logs included) here instead of a temporary one.
+    #[arg(long)]
+    state: Option<PathBuf>,
+}
+
+/// One stage count's figures. Durations in milliseconds, sizes in MiB (2^20 bytes).
+#[derive(Debug, Serialize)]
+struct RunReport {
+    model: String,
+    stages: usize,
+    requests: usize,
+    concurrency: usize,
+    plain_ms_p50: f64,
+    plain_ms_p99: f64,
+    sealed_ms_p50: f64,
+    sealed_ms_p99: f64,
+    /// sealed p50 / plain p50.
+    overhead_ratio: f64,
+    /// Plain tract's best throughput over the parallelisms tried.
+    plain_rps: f64,
+    plain_best_parallelism: usize,
+    plain_rps_by_parallelism: Vec<(usize, f64)>,
+    sealed_rps: f64,
+    throughput_ratio: f64,
+    /// The slowest stage, from spawn to ready (as the coordinator saw it).
+    cold_start_ms: f64,
+    /// The largest ratio, over stages, of spawn-to-ready to this process's plain tract
+    /// load (parse and optimise) of the same shard.
+    cold_start_ratio: f64,
+    /// Tract load and optimisation of the whole model, in this process.
+    plain_load_ms: f64,
+    /// `plain_load_ms` in its two phases.
+    plain_load_phases: LoadPhases,
+    stage_cold_start: Vec<StageColdStart>,
+    /// AES-256-GCM shard opening (chunk framing and SHA-256 of the ciphertext included),
+    /// in memory, on the largest shard: GB/s of plaintext.
+    decrypt_gbps: f64,
+    /// `decrypt_gbps` taken apart: SHA-256 of the ciphertext alone and the AES-256-GCM
+    /// chunk opener alone.
+    decrypt_parts_gbps: DecryptSpeed,
+    /// What the functions saw, file read included: all shards' bytes over their
+    /// fetch-and-decrypt time.
+    function_fetch_decrypt_gbps: f64,
+    stage_peak_rss_mb: Vec<f64>,
+    stage_shard_mb: Vec<f64>,
+    /// Activation bytes crossing the cuts between functions, per request (plaintext
+    /// tensor bytes; sealing adds a fixed few dozen bytes per hop).
+    cut_bytes_per_request: u64,
+    stage_ms_p50: Vec<StageMs>,
+    max_abs_diff: f64,
+    param_bytes: u64,
+    /// Plain tract at batch 1 against a larger batch, on the whole model (none when
+    /// skipped with `--batch-probe 0`).
+    batch_probe: Option<BatchProbe>,
+}
+
+/// One stage's cold start: what the coordinator saw, what the function logged, and a plain
+/// tract load of the same shard in this process. A phase the function does not log is
+/// `null` (printed "n/a").
+#[derive(Debug, Serialize)]
+struct StageColdStart {
+    stage: u32,
+    /// Spawn to `SHARDSEAL_READY`, as the coordinator timed it.
+    spawn_to_ready_ms: f64,
+    /// Process start: exec, dynamic loading, the runtime. The function's `startup_ms`
+    /// when it logs one; otherwise `spawn_to_ready_ms - total_ms` (which then also holds
+    /// binding the listener and the ready line).
+    process_start_ms: Option<f64>,
+    /// TLS to the broker and its identity, when the function logs it apart from
+    /// `attest_ms`.
+    connect_ms: Option<f64>,
+    /// Quote from the agent, attestation and key release by the broker.
+    attest_ms: Option<f64>,
+    /// Reading the sealed shard.
+    fetch_ms: Option<f64>,
+    /// Opening the shard (AES-256-GCM).
+    decrypt_ms: Option<f64>,
+    /// Fetch and decrypt together (older functions log only this).
+    fetch_decrypt_ms: Option<f64>,
+    /// Tract parsing the shard (with its optimisation when `optimize_ms` is null).
+    load_ms: Option<f64>,
+    /// Tract optimising and planning the shard.
+    optimize_ms: Option<f64>,
+    /// The function's own cold-start total.
+    total_ms: Option<f64>,
+    /// Tract parsing the same shard's plaintext, in this process.
+    plain_parse_ms: f64,
+    /// Tract optimising it, in this process.
+    plain_optimize_ms: f64,
+    /// `plain_parse_ms + plain_optimize_ms`: the plain load the cold start is compared to.
+    plain_load_ms: f64,
+    /// `spawn_to_ready_ms / plain_load_ms`.
+    ratio: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct StageMs {
+    stage: u32,
+    open_ms: f64,
+    run_ms: f64,
+    seal_ms: f64,
+}
+
+/// The coordinator alone.
+#[derive(Debug, Serialize)]
+struct RoutingReport {
+    model: String,
+    stages: usize,
+    requests: usize,
+    concurrency: usize,
+    /// Requests per second end to end (client, coordinator and functions share the cores).
+    routing_rps: f64,
+    /// Coordinator CPU (user + system) per routed request.
+    coordinator_cpu_us_per_request: f64,
+    /// Requests one core could route: 1 / coordinator CPU per request (none when the
+    /// run was too short to register a 10 ms CPU tick).
+    coordinator_rps_per_core: Option<f64>,
+    function_cpu_us_per_request: f64,
+    client_cpu_us_per_request: f64,
+    sealed_ms_p50: f64,
+    sealed_ms_p99: f64,
+}
+
+/// A provisioned variant of the model, before deployment.
+struct Variant {
+    id: ModelId,
+    stages: usize,
+    plan: Plan,
+    shard_load: Vec<LoadPhases>,
+    shard_bytes: Vec<u64>,
+    decrypt: DecryptSpeed,
+}
+
+pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
+    if args.requests == 0 || args.concurrency == 0 || args.stages.contains(&0) {
+        bail!("--requests, --concurrency and every --stages count must be at least 1");
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(bench(&args))
+}
+
+async fn bench(args: &BenchArgs) -> anyhow::Result<()> {
+    let say = |msg: &str| {
+        if !args.json {
+            eprintln!("{msg}");
+        }
+    };
+    let (model_bytes, base_id) = match (&args.model, args.routing) {
+        (None, true) => (
+            shardseal_testkit::models::mlp(&Default::default()),
+            ModelId::new("tiny-mlp")?,
+        ),
+        (path, _) => read_model(path.as_deref())?,
+    };
+
+    let temp;
+    let state = match &args.state {
+        Some(dir) => dir.clone(),
+        None => {
+            temp = tempfile::Builder::new()
+                .prefix("shardseal-bench-")
+                .tempdir()?;
+            temp.path().to_path_buf()
+        }
+    };
+    let layout = Layout::new(&state);
+    std::fs::create_dir_all(&state)?;
+
+    say("loading the whole model in plain tract");
+    let plain_load = load_phases(&model_bytes).context("loading the model in tract")?;
+    let plain = Arc::new(StageEngine::load(&model_bytes).context("loading the model in tract")?);
+    let batch = if args.batch_probe > 1 && !args.routing {
+        say(&format!(
+            "timing plain tract at batch 1 and batch {}",
+            args.batch_probe
+        ));
+        let probe = batch_probe(&model_bytes, args.batch_probe, args.requests.max(5));
+        if let Some(e) = &probe.error {
+            say(&format!("batch probe skipped: {e}"));
+        }
+        Some(probe)
+    } else {
+        None
+    };
+
+    let owner = OwnerKeyStore::init(&layout.owner()).context("creating the owner's key store")?;
+    let mut variants = Vec::new();
+    for &n in &args.stages {
+        say(&format!("provisioning {base_id} in {n} stage(s)"));
+        match provision_variant(&layout, &owner, &model_bytes, &base_id, n) {
+            Ok(v) => variants.push(v),
+            Err(e) if args.stages.len() > 1 => eprintln!("skipping {n} stage(s): {e:#}"),
+            Err(e) => return Err(e),
+        }
+    }
+
+    if variants.is_empty() {
+        bail!("the planner could cut {base_id} into none of the stage counts asked for");
+    }
+
+    say("starting the quoting agent, the key broker and the coordinator");
+    let mut stack = Stack::start(&state, &[owner.verifying_key()]).await?;
+    // One replica per stage, kept for the whole run: see the module doc.
+    stack.add_coordinator_args(
+        [
+            "--min-replicas",
+            "1",
+            "--max-replicas",
+            "1",
+            "--scale-to-zero-after",
+            "never",
+        ]
+        .map(String::from),
+    );
+    let result = async {
+        let mut deployments = Vec::new();
+        for v in &variants {
+            let out = variant_dir(&layout, &v.id);
+            let stages = register(&stack, &owner, &out, v.stages).await?;
+            deployments.push((v.id.to_string(), stages));
+        }
+        let url = stack
+            .start_coordinator("127.0.0.1:0", &deployments, 1)
+            .await?;
+        let trust = stack.write_trust()?;
+        let client = Arc::new(Client::connect(&url, trust).await?);
+        let coordinator_pid: u32 = std::fs::read_to_string(layout.logs().join("coordinator.pid"))
+            .context("reading the coordinator's pid")?
+            .trim()
+            .parse()
+            .context("the coordinator's pid file")?;
+
+        let mut lines = Vec::new();
+        let mut reports = Vec::new();
+        for v in &variants {
+            say(&format!("measuring {} ({} stage(s))", v.id, v.stages));
+            let ready = observe::replicas_ready(&layout.logs().join("coordinator.log"))?;
+            let replicas = latest_replica_per_stage(&ready, v.id.as_str());
+            let line = if args.routing {
+                let report = measure_routing(args, &client, v, &replicas, coordinator_pid).await?;
+                if !args.json {
+                    print_routing(&report);
+                }
+                serde_json::to_string(&report)?
+            } else {
+                let mut report =
+                    measure(args, &client, &plain, plain_load, v, &replicas, &layout).await?;
+                report.batch_probe = batch.clone();
+                if !args.json {
+                    print_run(&report);
+                }
+                let line = serde_json::to_string(&report)?;
+                reports.push(report);
+                line
+            };
+            lines.push(line);
+        }
+        if !args.json && reports.len() > 1 {
+            print_sweep(&base_id, &reports);
+        }
+        if !args.json
+            && let Some(probe) = &batch
+        {
+            print_batch_probe(probe);
+        }
+        Ok::<_, anyhow::Error>(lines)
+    }
+    .await;
+    stack.stop().await;
+    let lines = result?;
+    if args.json {
+        for line in lines {
+            println!("{line}");
+        }
+    }
+    Ok(())
+}
+
+/// Where `keys provision` puts a model's first version: the store's
+/// `models/MODEL/vVERSION/` layout, which functions read.
+fn variant_dir(layout: &Layout, id: &ModelId) -> PathBuf {
+    layout.store().join("models").join(id.as_str()).join("v1")
+}
+
+/// The newest replica of each stage of `model` (the one serving, should an older one have
+/// died and been replaced), in stage order.
+fn latest_replica_per_stage<'a>(ready: &'a [ReplicaReady], model: &str) -> Vec<&'a ReplicaReady> {
+    let mut latest: std::collections::BTreeMap<u32, &ReplicaReady> = Default::default();
+    for r in ready.iter().filter(|r| r.model == model) {
+        let slot = latest.entry(r.stage).or_insert(r);
+        if r.replica > slot.replica {
+            *slot = r;
+        }
+    }
+    latest.into_values().collect()
+}
+
+/// Plans and provisions `stages` stages of the model; measures what the owner can measure
+/// alone (plain load of each shard, shard decryption speed).
+fn provision_variant(
+    layout: &Layout,
+    owner: &OwnerKeyStore,
+    model_bytes: &[u8],
+    base_id: &ModelId,
+    stages: usize,
+) -> anyhow::Result<Variant> {
+    let id = ModelId::new(format!("{base_id}-s{stages}"))?;
+    let provisioned = provision(ProvisionRequest {
+        model_bytes,
+        model_id: id.clone(),
+        version: ModelVersion(1),
+        options: PlanOptions::fixed(stages),
+        out_dir: &variant_dir(layout, &id),
+        key_store: owner,
+        show_progress: false,
+    })?;
+    let plan = provisioned.plan;
+    let mut shard_load = Vec::new();
+    let mut shard_bytes = Vec::new();
+    let mut largest = Vec::new();
+    for i in 0..plan.stages().len() {
+        let shard = plan
+            .stage_model(StageIndex(u32::try_from(i)?))
+            .context("the plan lost a stage")?;
+        shard_load
+            .push(load_phases(&shard).with_context(|| format!("loading shard {i} in tract"))?);
+        shard_bytes.push(shard.len() as u64);
+        if shard.len() > largest.len() {
+            largest = shard;
+        }
+    }
+    let decrypt = measure_decrypt(&largest, &id)?;
+    Ok(Variant {
+        id,
+        stages: plan.stages().len(),
+        plan,
+        shard_load,
+        shard_bytes,
+        decrypt,
+    })
+}
+
+/// How fast a shard opens in memory, GB/s of plaintext, best of three each.
+#[derive(Debug, Clone, Copy, Serialize)]
+struct DecryptSpeed {
+    /// The way a function opens it: 1 MiB reads, SHA-256 of the ciphertext, the chunks
+    /// opened (AES-256-GCM) and copied into a buffer sized up front.
+    whole: f64,
+    /// SHA-256 of the ciphertext alone.
+    sha256: f64,
+    /// The chunk opener alone (AES-256-GCM, framing and its per-chunk buffers), without
+    /// the digest and the copy into one buffer.
+    open: f64,
+}
+
+/// Seals `plaintext` as a shard under a throwaway key, then opens it the way a function
+/// does, and each part of that alone.
+fn measure_decrypt(plaintext: &[u8], id: &ModelId) -> anyhow::Result<DecryptSpeed> {
+    let key = ShardKey::generate()?;
+    let binding = ShardBinding::new(id.clone(), ModelVersion(1), StageIndex(0));
+    let mut sealed = Vec::with_capacity(plaintext.len() + plaintext.len() / 64 + 4096);
+    seal_shard(&key, &binding, DEFAULT_CHUNK_SIZE, plaintext, &mut sealed)?;
+    let gbps = |seconds: f64| plaintext.len() as f64 / seconds / 1e9;
+    let best_of_three = |f: &dyn Fn() -> anyhow::Result<()>| -> anyhow::Result<f64> {
+        let mut best = f64::INFINITY;
+        for _ in 0..3 {
+            let t = Instant::now();
+            f()?;
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        Ok(gbps(best))
+    };
+    let whole = best_of_three(&|| {
+        let mut opener = ShardOpener::new(&key, binding.clone());
+        let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
+        let mut out = Vec::with_capacity(plaintext.len());
+        for read in sealed.chunks(1 << 20) {
+            digest.update(read);
+            for chunk in opener.update(read)? {
+                out.extend_from_slice(chunk.expose_secret());
+            }
+        }
+        opener.finish()?;
+        let _ = digest.finish();
+        if out.len() != plaintext.len() {
+            bail!(
+                "the shard opened to {} bytes, not {}",
+                out.len(),
+                plaintext.len()
+            );
+        }
+        Ok(())
+    })?;
+    let sha256 = best_of_three(&|| {
+        let _ = ring::digest::digest(&ring::digest::SHA256, &sealed);
+        Ok(())
+    })?;
+    let open = best_of_three(&|| {
+        let mut opener = ShardOpener::new(&key, binding.clone());
+        for read in sealed.chunks(1 << 20) {
+            drop(opener.update(read)?);
+        }
+        opener.finish()?;
+        Ok(())
+    })?;
+    Ok(DecryptSpeed {
+        whole,
+        sha256,
+        open,
+    })
+}
+
+async fn measure(
+    args: &BenchArgs,
+    client: &Arc<Client>,
+    plain: &Arc<StageEngine>,
+    plain_load: LoadPhases,
+    v: &Variant,
+    replicas: &[&ReplicaReady],
+    layout: &Layout,
+) -> anyhow::Result<RunReport> {
+    let model = v.id.as_str();
+    let pipeline = client.pipeline(model).await?;
+    let inputs: Vec<Vec<HostTensor>> = (0..4)
+        .map(|seed| random_inputs(&pipeline.inputs, seed + 1))
+        .collect::<anyhow::Result<_>>()?;
+
+    // Latency, one request at a time, plain and sealed alternating.
+    let mut plain_ms = Vec::new();
+    let mut sealed_ms = Vec::new();
+    let mut stage_timings: Vec<Vec<[f64; 3]>> = vec![Vec::new(); v.stages];
+    let mut max_diff = 0.0f64;
+    for r in 0..args.warmup + args.requests {
+        let input = inputs[r % inputs.len()].clone();
+        let t = Instant::now();
+        let expected = plain.run(&input)?;
+        let plain_elapsed = ms_since(t);
+        let t = Instant::now();
+        let got = client.infer(model, input).await?;
+        let sealed_elapsed = ms_since(t);
+        max_diff = max_diff.max(compare(&expected, &got.outputs)?);
+        if r < args.warmup {
+            continue;
+        }
+        plain_ms.push(plain_elapsed);
+        sealed_ms.push(sealed_elapsed);
+        for timing in &got.timings {
+            if let Some(s) = stage_timings.get_mut(timing.stage as usize) {
+                s.push([timing.open_ms, timing.run_ms, timing.seal_ms]);
+            }
+        }
+    }
+
+    // Throughput: plain tract at each parallelism and the sealed pipeline at --concurrency.
+    let mut parallelisms = if args.plain_parallelism.is_empty() {
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        vec![1, cores, args.concurrency]
+    } else {
+        args.plain_parallelism.clone()
+    };
+    parallelisms.sort_unstable();
+    parallelisms.dedup();
+    parallelisms.retain(|&p| p > 0);
+    // In rounds, every configuration once per round, so a burst of load from elsewhere on
+    // the machine lands on all of them rather than on one.
+    let rounds = THROUGHPUT_ROUNDS.min(args.requests);
+    let mut plain_seconds = vec![0.0; parallelisms.len()];
+    let mut sealed_seconds = 0.0;
+    let mut done = 0;
+    for round in 0..rounds {
+        // Split the requests as evenly as the rounds allow.
+        let n = (args.requests * (round + 1)) / rounds - done;
+        done += n;
+        for (k, &p) in parallelisms.iter().enumerate() {
+            plain_seconds[k] += n as f64 / plain_throughput(plain.clone(), &inputs, n, p).await?;
+        }
+        let (rps, _) = sealed_throughput(client, model, &inputs, n, args.concurrency).await?;
+        sealed_seconds += n as f64 / rps;
+    }
+    let plain_rps_by_parallelism: Vec<(usize, f64)> = parallelisms
+        .iter()
+        .zip(&plain_seconds)
+        .map(|(&p, &seconds)| (p, args.requests as f64 / seconds))
+        .collect();
+    let (plain_best_parallelism, plain_rps) = plain_rps_by_parallelism
+        .iter()
+        .copied()
+        .max_by(|a, b| a.1.total_cmp(&b.1))
+        .unwrap_or((1, f64::NAN));
+    let sealed_rps = args.requests as f64 / sealed_seconds;
+
+    // Memory and cold starts, per stage.
+    if replicas.len() != v.stages {
+        bail!(
+            "the coordinator log names {} stage(s) of {model} ready, not {}",
+            replicas.len(),
+            v.stages
+        );
+    }
+    let mut stage_peak_rss_mb = vec![f64::NAN; v.stages];
+    let mut stage_cold_start = Vec::new();
+    let mut fetch_bytes = 0u64;
+    let mut fetch_ms = 0.0;
+    for r in replicas {
+        let i = r.stage as usize;
+        if let (Some(slot), Some(rss)) = (stage_peak_rss_mb.get_mut(i), peak_rss_bytes(r.pid)) {
+            *slot = rss as f64 / MIB;
+        }
+        let logged =
+            function_cold_start(&layout.logs().join(format!("function-{}.log", r.replica)))
+                .unwrap_or_default();
+        if let Some(ms) = logged.fetch_decrypt_ms {
+            fetch_bytes += v.shard_bytes.get(i).copied().unwrap_or(0);
+            fetch_ms += ms;
+        }
+        let plain = v
+            .shard_load
+            .get(i)
+            .context("a stage without a plain load")?;
+        stage_cold_start.push(StageColdStart {
+            stage: r.stage,
+            spawn_to_ready_ms: r.spawn_to_ready_ms,
+            process_start_ms: logged
+                .startup_ms
+                .or(logged.total_ms.map(|t| r.spawn_to_ready_ms - t)),
+            connect_ms: logged.connect_ms,
+            attest_ms: logged.attest_ms,
+            fetch_ms: logged.fetch_ms,
+            decrypt_ms: logged.decrypt_ms,
+            fetch_decrypt_ms: logged.fetch_decrypt_ms,
+            load_ms: logged.load_ms,
+            optimize_ms: logged.optimize_ms,
+            total_ms: logged.total_ms,
+            plain_parse_ms: plain.parse_ms,
+            plain_optimize_ms: plain.optimize_ms,
+            plain_load_ms: plain.total_ms(),
+            ratio: r.spawn_to_ready_ms / plain.total_ms(),
+        });
+    }
+    let cold_start_ms = stage_cold_start
+        .iter()
+        .map(|s| s.spawn_to_ready_ms)
+        .fold(0.0, f64::max);
+    let cold_start_ratio = stage_cold_start.iter().map(|s| s.ratio).fold(0.0, f64::max);
+
+    let stages = v.plan.stages();
+    let cut_bytes_per_request = stages
+        .iter()
+        .take(stages.len().saturating_sub(1))
+        .map(|s| s.output_bytes())
+        .sum();
+    let (plain_p50, plain_p99) = (
+        percentile(&mut plain_ms, 0.5),
+        percentile(&mut plain_ms, 0.99),
+    );
+    let (sealed_p50, sealed_p99) = (
+        percentile(&mut sealed_ms, 0.5),
+        percentile(&mut sealed_ms, 0.99),
+    );
+    Ok(RunReport {
+        model: v.id.to_string(),
+        stages: v.stages,
+        requests: args.requests,
+        concurrency: args.concurrency,
+        plain_ms_p50: plain_p50,
+        plain_ms_p99: plain_p99,
+        sealed_ms_p50: sealed_p50,
+        sealed_ms_p99: sealed_p99,
+        overhead_ratio: sealed_p50 / plain_p50,
+        plain_rps,
+        plain_best_parallelism,
+        plain_rps_by_parallelism,
+        sealed_rps,
+        throughput_ratio: sealed_rps / plain_rps,
+        cold_start_ms,
+        cold_start_ratio,
+        plain_load_ms: plain_load.total_ms(),
+        plain_load_phases: plain_load,
+        stage_cold_start,
+        decrypt_gbps: v.decrypt.whole,
+        decrypt_parts_gbps: v.decrypt,
+        function_fetch_decrypt_gbps: if fetch_ms > 0.0 {
+            fetch_bytes as f64 / (fetch_ms / 1e3) / 1e9
+        } else {
+            f64::NAN
+        },
+        stage_peak_rss_mb,
+        stage_shard_mb: v.shard_bytes.iter().map(|&b| b as f64 / MIB).collect(),
+        cut_bytes_per_request,
+        stage_ms_p50: stage_timings
+            .into_iter()
+            .enumerate()
+            .map(|(i, t)| {
+                let col =
+                    |k: usize| percentile(&mut t.iter().map(|x| x[k]).collect::<Vec<_>>(), 0.5);
+                StageMs {
+                    stage: i as u32,
+                    open_ms: col(0),
+                    run_ms: col(1),
+                    seal_ms: col(2),
+                }
+            })
+            .collect(),
+        max_abs_diff: max_diff,
+        param_bytes: stages.iter().map(|s| s.param_bytes).sum(),
+        batch_probe: None,
+    })
+}
+
+async fn measure_routing(
+    args: &BenchArgs,
+    client: &Arc<Client>,
+    v: &Variant,
+    replicas: &[&ReplicaReady],
+    coordinator_pid: u32,
+) -> anyhow::Result<RoutingReport> {
+    let model = v.id.as_str();
+    let pipeline = client.pipeline(model).await?;
+    let inputs: Vec<Vec<HostTensor>> = (0..4)
+        .map(|seed| random_inputs(&pipeline.inputs, seed + 1))
+        .collect::<anyhow::Result<_>>()?;
+    let warmup = args.warmup.max(args.concurrency);
+    sealed_throughput(client, model, &inputs, warmup, args.concurrency).await?;
+
+    let cpu = |pid: u32| cpu_seconds(pid).unwrap_or(f64::NAN);
+    let functions_cpu = || replicas.iter().map(|r| cpu(r.pid)).sum::<f64>();
+    let (coordinator_before, functions_before) = (cpu(coordinator_pid), functions_cpu());
+    let client_before = own_cpu_seconds().unwrap_or(f64::NAN);
+    let (rps, mut latencies) =
+        sealed_throughput(client, model, &inputs, args.requests, args.concurrency).await?;
+    let per_request = |seconds: f64| seconds * 1e6 / args.requests as f64;
+    let coordinator_us = per_request(cpu(coordinator_pid) - coordinator_before);
+    Ok(RoutingReport {
+        model: model.to_owned(),
+        stages: v.stages,
+        requests: args.requests,
+        concurrency: args.concurrency,
+        routing_rps: rps,
+        coordinator_cpu_us_per_request: coordinator_us,
+        coordinator_rps_per_core: (coordinator_us > 0.0).then(|| 1e6 / coordinator_us),
+        function_cpu_us_per_request: per_request(functions_cpu() - functions_before),
+        client_cpu_us_per_request: per_request(
+            own_cpu_seconds().unwrap_or(f64::NAN) - client_before,
+        ),
+        sealed_ms_p50: percentile(&mut latencies, 0.5),
+        sealed_ms_p99: percentile(&mut latencies, 0.99),
+    })
+}
+
+/// Requests per second of plain tract with `parallelism` threads sharing `requests` runs.
+async fn plain_throughput(
+    engine: Arc<StageEngine>,
+    inputs: &[Vec<HostTensor>],
+    requests: usize,
+    parallelism: usize,
+) -> anyhow::Result<f64> {
+    let inputs = inputs.to_vec();
+    tokio::task::spawn_blocking(move || {
+        let next = AtomicUsize::new(0);
+        let t = Instant::now();
+        std::thread::scope(|scope| {
+            let workers: Vec<_> = (0..parallelism)
+                .map(|_| {
+                    scope.spawn(|| -> anyhow::Result<()> {
+                        loop {
+                            let i = next.fetch_add(1, Ordering::Relaxed);
+                            if i >= requests {
+                                return Ok(());
+                            }
+                            engine.run(&inputs[i % inputs.len()])?;
+                        }
+                    })
+                })
+                .collect();
+            for worker in workers {
+                worker
+                    .join()
+                    .map_err(|_| anyhow::anyhow!("a plain tract worker panicked"))??;
+            }
+            Ok::<_, anyhow::Error>(())
+        })?;
+        Ok(requests as f64 / t.elapsed().as_secs_f64())
+    })
+    .await?
+}
+
+/// Requests per second of the sealed pipeline with `concurrency` requests in flight, and
+/// each request's latency in milliseconds.
+async fn sealed_throughput(
+    client: &Arc<Client>,
+    model: &str,
+    inputs: &[Vec<HostTensor>],
+    requests: usize,
+    concurrency: usize,
+) -> anyhow::Result<(f64, Vec<f64>)> {
+    let next = Arc::new(AtomicUsize::new(0));
+    let inputs = Arc::new(inputs.to_vec());
+    let t = Instant::now();
+    let tasks: Vec<_> = (0..concurrency)
+        .map(|_| {
+            let (client, next, inputs, model) = (
+                client.clone(),
+                next.clone(),
+                inputs.clone(),
+                model.to_owned(),
+            );
+            tokio::spawn(async move {
+                let mut latencies = Vec::new();
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= requests {
+                        return Ok::<_, anyhow::Error>(latencies);
+                    }
+                    let started = Instant::now();
+                    client
+                        .infer(&model, inputs[i % inputs.len()].clone())
+                        .await?;
+                    latencies.push(ms_since(started));
+                }
+            })
+        })
+        .collect();
+    let mut latencies = Vec::with_capacity(requests);
+    for task in tasks {
+        latencies.extend(task.await??);
+    }
+    Ok((requests as f64 / t.elapsed().as_secs_f64(), latencies))
+}
+
+fn print_run(r: &RunReport) {
+    println!(
+        "\n{}: {} stage(s), {:.1} MB of weights, {} requests, {} B crossing cuts per request",
+        r.model,
+        r.stages,
+        r.param_bytes as f64 / 1e6,
+        r.requests,
+        r.cut_bytes_per_request
+    );
+    println!(
+        "latency   plain p50 {:.2} ms p99 {:.2} ms | sealed p50 {:.2} ms p99 {:.2} ms | ratio {:.3}",
+        r.plain_ms_p50, r.plain_ms_p99, r.sealed_ms_p50, r.sealed_ms_p99, r.overhead_ratio
+    );
+    let tried: Vec<String> = r
+        .plain_rps_by_parallelism
+        .iter()
+        .map(|(p, rps)| format!("{p}: {rps:.2}"))
+        .collect();
+    println!(
+        "throughput plain {:.2} rps (best of parallelism {}) | sealed {:.2} rps at concurrency {} | ratio {:.3}",
+        r.plain_rps,
+        tried.join(", "),
+        r.sealed_rps,
+        r.concurrency,
+        r.throughput_ratio
+    );
+    println!(
+        "cold start slowest {:.1} ms (max ratio to a plain load of the same shard {:.3}); \
+         whole-model plain load {:.1} ms (parse {:.1}, optimise {:.1})",
+        r.cold_start_ms,
+        r.cold_start_ratio,
+        r.plain_load_ms,
+        r.plain_load_phases.parse_ms,
+        r.plain_load_phases.optimize_ms
+    );
+    println!(
+        "decrypt {:.2} GB/s in memory (SHA-256 alone {:.2}, AES-GCM opener alone {:.2}), {} GB/s in functions (file read included)",
+        r.decrypt_gbps,
+        r.decrypt_parts_gbps.sha256,
+        r.decrypt_parts_gbps.open,
+        opt(
+            Some(r.function_fetch_decrypt_gbps).filter(|v| v.is_finite()),
+            2
+        )
+    );
+    println!(
+        "{:>5} | {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} | {:>8} {:>8} {:>8} {:>6} | {:>8} {:>8} | {:>7} {:>7} {:>7}",
+        "stage",
+        "ready",
+        "process",
+        "attest",
+        "fetch",
+        "decrypt",
+        "load",
+        "optimise",
+        "plain pa",
+        "plain op",
+        "plain",
+        "ratio",
+        "shard MB",
+        "peak RSS",
+        "open",
+        "run",
+        "seal"
+    );
+    for (i, c) in r.stage_cold_start.iter().enumerate() {
+        let t = r.stage_ms_p50.get(i);
+        // Older functions log fetch and decrypt as one figure: show it under "fetch".
+        let fetch = c
+            .fetch_ms
+            .or(c.fetch_decrypt_ms.filter(|_| c.decrypt_ms.is_none()));
+        println!(
+            "{:>5} | {:>8.1} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} | {:>8.1} {:>8.1} {:>8.1} {:>6.2} | {:>8.1} {:>8.1} | {:>7.2} {:>7.2} {:>7.2}",
+            c.stage,
+            c.spawn_to_ready_ms,
+            opt(c.process_start_ms, 1),
+            opt(c.attest_ms, 1),
+            opt(fetch, 1),
+            opt(c.decrypt_ms, 1),
+            opt(c.load_ms, 1),
+            opt(c.optimize_ms, 1),
+            c.plain_parse_ms,
+            c.plain_optimize_ms,
+            c.plain_load_ms,
+            c.ratio,
+            r.stage_shard_mb.get(i).copied().unwrap_or(f64::NAN),
+            r.stage_peak_rss_mb.get(i).copied().unwrap_or(f64::NAN),
+            t.map_or(f64::NAN, |t| t.open_ms),
+            t.map_or(f64::NAN, |t| t.run_ms),
+            t.map_or(f64::NAN, |t| t.seal_ms),
+        );
+    }
+    println!(
+        "(cold start in ms: ready = spawn to ready as the coordinator saw it; process = ready \
+         minus the function's own total; n/a = not logged by this function build; \
+         a function without separate fetch and decrypt shows both under fetch)"
+    );
+    println!("max abs diff against plain tract: {:.3e}", r.max_abs_diff);
+}
+
+/// One line per stage count: what each cut costs.
+fn print_sweep(model: &ModelId, reports: &[RunReport]) {
+    println!("\nstage sweep of {model} (cut B/req: activation bytes crossing cuts per request)");
+    println!(
+        "{:>6} {:>12} {:>10} {:>10} {:>10} {:>9} {:>10} {:>10} {:>7} {:>11}",
+        "stages",
+        "cut B/req",
+        "plain p50",
+        "sealed p50",
+        "sealed p99",
+        "overhead",
+        "plain rps",
+        "sealed rps",
+        "thr.",
+        "cold start"
+    );
+    for r in reports {
+        println!(
+            "{:>6} {:>12} {:>10.2} {:>10.2} {:>10.2} {:>9.3} {:>10.2} {:>10.2} {:>7.3} {:>11.1}",
+            r.stages,
+            r.cut_bytes_per_request,
+            r.plain_ms_p50,
+            r.sealed_ms_p50,
+            r.sealed_ms_p99,
+            r.overhead_ratio,
+            r.plain_rps,
+            r.sealed_rps,
+            r.throughput_ratio,
+            r.cold_start_ms
+        );
+    }
+}
+
+fn print_batch_probe(p: &BatchProbe) {
+    match (
+        p.batch1_ms,
+        p.batched_ms,
+        p.throughput_gain,
+        p.latency_factor,
+    ) {
+        (Some(one), Some(many), Some(gain), Some(factor)) => println!(
+            "\nbatching (plain tract, whole model, one thread): batch 1 {one:.2} ms, batch {} \
+             {many:.2} ms = {:.2} ms per request; throughput x{gain:.2} per core, a batched \
+             request waits x{factor:.2} as long as one alone (before the batch fills)",
+            p.batch,
+            many / p.batch as f64,
+        ),
+        _ => println!(
+            "\nbatching probe at batch {}: n/a ({})",
+            p.batch,
+            p.error.as_deref().unwrap_or("not run")
+        ),
+    }
+}
+
+/// A figure, or "n/a" when it was not measured.
+fn opt(v: Option<f64>, decimals: usize) -> String {
+    v.map_or_else(|| "n/a".to_owned(), |v| format!("{v:.decimals$}"))
+}
+
+fn print_routing(r: &RoutingReport) {
+    println!(
+        "\n{}: {} stage(s), {} requests at concurrency {}",
+        r.model, r.stages, r.requests, r.concurrency
+    );
+    println!(
+        "end to end {:.0} rps (p50 {:.2} ms, p99 {:.2} ms)",
+        r.routing_rps, r.sealed_ms_p50, r.sealed_ms_p99
+    );
+    println!(
+        "CPU per request: coordinator {:.1} us ({:.0} routed requests per core-second), functions {:.1} us, client {:.1} us",
+        r.coordinator_cpu_us_per_request,
+        r.coordinator_rps_per_core.unwrap_or(f64::NAN),
+        r.function_cpu_us_per_request,
+        r.client_cpu_us_per_request
+    );
+}
+
+fn ms_since(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1e3
+}
+
+/// The nearest-rank percentile (`q` in 0..=1); NaN for no samples.
+fn percentile(v: &mut [f64], q: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    let rank = (q * v.len() as f64).ceil() as usize;
+    v[rank.clamp(1, v.len()) - 1]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::percentile;
+
+    #[test]
+    fn nearest_rank_percentiles() {
+        let mut v: Vec<f64> = (1..=100).rev().map(f64::from).collect();
+        assert_eq!(percentile(&mut v, 0.5), 50.0);
+        assert_eq!(percentile(&mut v, 0.99), 99.0);
+        assert_eq!(percentile(&mut v, 1.0), 100.0);
+        assert_eq!(percentile(&mut [7.0], 0.99), 7.0);
+        assert!(percentile(&mut [], 0.5).is_nan());
+    }
+}

@@ -1,0 +1,211 @@
+//! `shardseal bench --json` on a tiny model: every promised field is there and sane. No
+//! figure is judged for speed (the benchmark prints figures; tests do not time).
+
+use std::path::Path;
+use std::process::Command;
+
+use serde_json::Value;
+use shardseal_testkit::models;
+
+fn shardseal() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_shardseal"))
+}
+
+/// Runs `shardseal bench <args> --json` and parses its JSON Lines.
+fn bench(args: &[&str]) -> Vec<Value> {
+    let output = Command::new(shardseal())
+        .arg("bench")
+        .args(args)
+        .arg("--json")
+        .output()
+        .expect("running shardseal bench");
+    assert!(
+        output.status.success(),
+        "shardseal bench failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout)
+        .expect("UTF-8 output")
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("one JSON object per line"))
+        .collect()
+}
+
+fn number(report: &Value, field: &str) -> f64 {
+    report[field]
+        .as_f64()
+        .unwrap_or_else(|| panic!("{field} is not a number in {report}"))
+}
+
+fn numbers(report: &Value, field: &str) -> Vec<f64> {
+    report[field]
+        .as_array()
+        .unwrap_or_else(|| panic!("{field} is not an array in {report}"))
+        .iter()
+        .map(|v| v.as_f64().unwrap_or_else(|| panic!("{field} holds {v}")))
+        .collect()
+}
+
+#[test]
+fn bench_json_reports_every_field_for_each_stage_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny.onnx");
+    std::fs::write(&model, models::mlp(&Default::default())).unwrap();
+    let reports = bench(&[
+        "--model",
+        model.to_str().unwrap(),
+        "--stages",
+        "1,2",
+        "--requests",
+        "3",
+        "--warmup",
+        "1",
+        "--concurrency",
+        "2",
+        "--plain-parallelism",
+        "1,2",
+        "--batch-probe",
+        "2",
+    ]);
+    assert_eq!(reports.len(), 2, "one object per stage count");
+    for (report, stages) in reports.iter().zip([1usize, 2]) {
+        assert_eq!(report["model"], format!("tiny-s{stages}"));
+        assert_eq!(report["stages"], stages);
+        assert_eq!(report["requests"], 3);
+        assert_eq!(report["concurrency"], 2);
+        let diff = number(report, "max_abs_diff");
+        assert!(diff <= 1e-5, "sealed differs from plain by {diff}");
+        for (p50, p99) in [
+            ("plain_ms_p50", "plain_ms_p99"),
+            ("sealed_ms_p50", "sealed_ms_p99"),
+        ] {
+            assert!(number(report, p50) > 0.0, "{p50}");
+            assert!(
+                number(report, p99) >= number(report, p50),
+                "{p99} below {p50}"
+            );
+        }
+        let ratio = number(report, "sealed_ms_p50") / number(report, "plain_ms_p50");
+        assert!((number(report, "overhead_ratio") - ratio).abs() < 1e-9 * ratio);
+        let tried = report["plain_rps_by_parallelism"].as_array().unwrap();
+        assert_eq!(tried.len(), 2, "parallelism 1 and 2 tried");
+        let best = tried
+            .iter()
+            .map(|pair| pair[1].as_f64().unwrap())
+            .fold(0.0, f64::max);
+        assert_eq!(number(report, "plain_rps"), best);
+        let throughput = number(report, "sealed_rps") / best;
+        assert!((number(report, "throughput_ratio") - throughput).abs() < 1e-9 * throughput);
+        for field in [
+            "cold_start_ms",
+            "cold_start_ratio",
+            "plain_load_ms",
+            "decrypt_gbps",
+        ] {
+            let v = number(report, field);
+            assert!(v.is_finite() && v > 0.0, "{field} = {v}");
+        }
+        let phases = &report["plain_load_phases"];
+        let whole = number(phases, "parse_ms") + number(phases, "optimize_ms");
+        assert!((number(report, "plain_load_ms") - whole).abs() < 1e-9 * whole);
+        // Null only if the functions stop logging their fetch and decrypt time.
+        let fetch = &report["function_fetch_decrypt_gbps"];
+        assert!(
+            fetch.is_null() || fetch.as_f64().is_some_and(|v| v > 0.0),
+            "{fetch}"
+        );
+        let cold = report["stage_cold_start"].as_array().unwrap();
+        assert_eq!(cold.len(), stages);
+        for (i, stage) in cold.iter().enumerate() {
+            assert_eq!(stage["stage"], i);
+            let ready = number(stage, "spawn_to_ready_ms");
+            // Every function build logs its own total and its attestation time, and the
+            // benchmark finds its process start (logged, or the rest of spawn to ready).
+            let total = number(stage, "total_ms");
+            assert!(number(stage, "attest_ms") > 0.0 && total >= number(stage, "attest_ms"));
+            let process = number(stage, "process_start_ms");
+            assert!(
+                process >= 0.0 && process <= ready,
+                "process start {process} ms"
+            );
+            let plain = number(stage, "plain_load_ms");
+            assert!(plain > 0.0);
+            assert!((number(stage, "ratio") - ready / plain).abs() < 1e-9 * (ready / plain));
+        }
+        assert_eq!(
+            number(report, "cold_start_ms"),
+            cold.iter()
+                .map(|s| number(s, "spawn_to_ready_ms"))
+                .fold(0.0, f64::max)
+        );
+        let probe = &report["batch_probe"];
+        assert_eq!(probe["batch"], 2);
+        assert!(probe["error"].is_null(), "{probe}");
+        let gain = number(probe, "throughput_gain");
+        let expected = 2.0 * number(probe, "batch1_ms") / number(probe, "batched_ms");
+        assert!((gain - expected).abs() < 1e-9 * expected);
+        let rss = numbers(report, "stage_peak_rss_mb");
+        let shard = numbers(report, "stage_shard_mb");
+        assert_eq!((rss.len(), shard.len()), (stages, stages));
+        assert!(rss.iter().all(|&mb| mb > 1.0), "peak RSS {rss:?}");
+        // The whole MLP's weights (11,082 f32, 43 KiB) are split, not copied, across stages.
+        let total: f64 = shard.iter().sum();
+        assert!(total > 0.035 && total < 0.08, "shards total {total} MiB");
+        assert_eq!(report["stage_ms_p50"].as_array().unwrap().len(), stages);
+        let cut = report["cut_bytes_per_request"].as_u64().unwrap();
+        if stages == 1 {
+            assert_eq!(cut, 0, "one stage: nothing crosses a cut");
+        } else {
+            assert!(cut > 0, "two stages: activations cross the cut");
+        }
+    }
+}
+
+#[test]
+fn routing_mode_reports_coordinator_cost_per_request() {
+    let reports = bench(&[
+        "--routing",
+        "--stages",
+        "1",
+        "--requests",
+        "40",
+        "--concurrency",
+        "4",
+    ]);
+    assert_eq!(reports.len(), 1);
+    let report = &reports[0];
+    assert_eq!(report["model"], "tiny-mlp-s1");
+    assert_eq!(report["requests"], 40);
+    for field in [
+        "routing_rps",
+        "sealed_ms_p50",
+        "coordinator_cpu_us_per_request",
+    ] {
+        let v = number(report, field);
+        assert!(v.is_finite() && v >= 0.0, "{field} = {v}");
+    }
+    assert!(number(report, "routing_rps") > 0.0);
+    // CPU time is counted in 10 ms ticks: 40 requests may round to no tick at all, and
+    // then there is no per-core rate (null) rather than an infinite one.
+    let per_core = &report["coordinator_rps_per_core"];
+    assert!(
+        per_core.is_null() || per_core.as_f64().is_some_and(|v| v > 0.0),
+        "{per_core}"
+    );
+}
+
+#[test]
+fn bench_refuses_a_missing_model_with_a_one_line_error() {
+    let output = Command::new(shardseal())
+        .args(["bench", "--model", "/nonexistent/model.onnx", "--json"])
+        .output()
+        .expect("running shardseal bench");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("/nonexistent/model.onnx"),
+        "the error names the file: {stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(output.stdout.is_empty(), "no JSON on failure");
+}
