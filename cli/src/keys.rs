@@ -22,6 +22,9 @@ pub(crate) enum KeysCommand {
         /// The key store folder to create (must not exist).
         #[arg(long)]
         dir: PathBuf,
+        /// Print one JSON object (`dir`, `owner_public_key`) instead of text.
+        #[arg(long)]
+        json: bool,
     },
     /// Plan a model, encrypt each stage's shard and write a manifest signed by the owner.
     #[command(
@@ -57,13 +60,25 @@ pub(crate) struct ProvisionArgs {
     /// and AWS_SECRET_ACCESS_KEY). Objects go to models/MODEL/vVERSION/.
     #[arg(long, value_name = "DIR|s3://BUCKET?...")]
     store: Option<String>,
+    /// Print one JSON object (model, version, destination, manifest, stages with their
+    /// shard files, sizes and digests) instead of text; the progress bar stays on stderr.
+    #[arg(long)]
+    json: bool,
 }
 
 pub(crate) fn run(command: KeysCommand) -> anyhow::Result<()> {
     match command {
-        KeysCommand::Init { dir } => {
+        KeysCommand::Init { dir, json } => {
             let store = OwnerKeyStore::init(&dir)
                 .with_context(|| format!("creating the key store {}", dir.display()))?;
+            if json {
+                let report = serde_json::json!({
+                    "dir": dir.display().to_string(),
+                    "owner_public_key": store.verifying_key().to_hex(),
+                });
+                println!("{report}");
+                return Ok(());
+            }
             println!("created key store {}", dir.display());
             println!(
                 "owner signing key (public): {}",
@@ -120,6 +135,33 @@ fn run_provision(args: ProvisionArgs) -> anyhow::Result<()> {
         Some(target) => target.upload(&out, m)?,
         None => out.display().to_string(),
     };
+    if args.json {
+        let stages: Vec<_> = m
+            .stages
+            .iter()
+            .map(|s| {
+                serde_json::json!({
+                    "stage": s.index.0,
+                    "shard_file": s.shard_file,
+                    "ciphertext_bytes": s.shard_size,
+                    "plaintext_bytes": s.plaintext_size,
+                    "sha256": hex::encode(s.shard_digest),
+                })
+            })
+            .collect();
+        let report = serde_json::json!({
+            "model_id": m.model_id.as_str(),
+            "version": m.version.0,
+            "destination": destination,
+            "manifest": upload_to
+                .is_none()
+                .then(|| provisioned.manifest_path.display().to_string()),
+            "encrypt_seconds": provisioned.encrypt_seconds,
+            "stages": stages,
+        });
+        println!("{report}");
+        return Ok(());
+    }
     println!(
         "provisioned {}@v{} in {} stage(s) to {destination}",
         m.model_id,
