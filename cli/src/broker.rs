@@ -41,6 +41,11 @@ pub(crate) struct BrokerArgs {
     /// (repeatable).
     #[arg(long = "owner-key", value_name = "PUBHEX_OR_FILE")]
     owner_keys: Vec<String>,
+    /// How long a function's token, the lease on its keys, lasts before the function must
+    /// attest again (milliseconds, 1 s to 24 h; default 15 min). A function renews at half
+    /// of it and stops serving when it runs out with the broker unreachable.
+    #[arg(long, value_name = "MS")]
+    token_lifetime_ms: Option<u64>,
     /// A TOML file of settings: this command's long flag names (precedence: flag >
     /// SHARDSEAL_BROKER_<FLAG> variable > file > default) and the broker's own tunables
     /// (`BrokerConfig`). See `shardseal config example --role broker`.
@@ -81,6 +86,9 @@ impl BrokerArgs {
         }
         if let Some(pki) = self.pki {
             config.pki_dir = pki;
+        }
+        if let Some(lifetime) = self.token_lifetime_ms {
+            config.token_lifetime_ms = lifetime;
         }
         for text in &self.platform_keys {
             let key: PlatformPublicKey = hex_or_file(text, "platform public key")?;

@@ -103,8 +103,13 @@ const START_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl Stack {
     /// Creates what is missing in the state folder and starts the quoting agent and the
-    /// key broker, which trusts `owner_keys` for its owner API.
-    pub(crate) async fn start(state: &Path, owner_keys: &[VerifyingKey]) -> anyhow::Result<Self> {
+    /// key broker, which trusts `owner_keys` for its owner API and leases keys to functions
+    /// for `token_lifetime_ms` (the broker's default if `None`).
+    pub(crate) async fn start(
+        state: &Path,
+        owner_keys: &[VerifyingKey],
+        token_lifetime_ms: Option<u64>,
+    ) -> anyhow::Result<Self> {
         let layout = Layout::new(state);
         for dir in [layout.broker(), layout.store(), layout.logs()] {
             std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -147,6 +152,9 @@ impl Stack {
         ];
         for key in owner_keys {
             broker_args.extend(["--owner-key".to_owned(), key.to_hex()]);
+        }
+        if let Some(lifetime) = token_lifetime_ms {
+            broker_args.extend(["--token-lifetime-ms".to_owned(), lifetime.to_string()]);
         }
         let broker = supervisor
             .start("broker", &broker_args, START_TIMEOUT)

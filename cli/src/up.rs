@@ -29,6 +29,10 @@ pub(crate) struct UpArgs {
     /// key store in STATE/owner, if any, is always accepted.
     #[arg(long = "owner-key", value_name = "HEX")]
     owner_keys: Vec<String>,
+    /// How long a function's token (the lease on its keys) lasts, in milliseconds; passed
+    /// to the broker's --token-lifetime-ms (default 15 min).
+    #[arg(long, value_name = "MS")]
+    token_lifetime_ms: Option<u64>,
     /// Replicas started per stage.
     #[arg(long, default_value_t = 1)]
     replicas: usize,
@@ -83,7 +87,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         ));
     }
     std::fs::create_dir_all(&args.state)?;
-    let mut stack = Stack::start(&args.state, &owners).await?;
+    let mut stack = Stack::start(&args.state, &owners, args.token_lifetime_ms).await?;
     let started = async {
         if !args.function_command.is_empty() {
             stack.use_function_command(args.function_command.clone())?;

@@ -155,6 +155,11 @@ pub struct Router {
 }
 
 impl Router {
+    /// How many requests the router holds at once (`RouterConfig::max_in_flight`).
+    pub fn max_in_flight(&self) -> usize {
+        self.config.max_in_flight
+    }
+
     /// A router that starts functions on `platform` and dials them with the
     /// coordinator's client identity from `pki`.
     pub fn new(

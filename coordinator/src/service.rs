@@ -222,7 +222,17 @@ impl Coordinator for CoordinatorService {
     }
 }
 
+/// The message a client gets when the coordinator sheds its request.
+const AT_CAPACITY: &str = "the coordinator is at capacity (--max-in-flight); retry later";
+
 /// Serves the coordinator on `listener` over TLS until `shutdown` resolves.
+///
+/// A request is admitted before its body is decoded: at most `max_in_flight` calls (over
+/// all connections) are decoded or served at once, and one more is refused at once with
+/// RESOURCE_EXHAUSTED, its body never buffered past HTTP/2 flow control. The memory that
+/// requests hold is so bounded by `max_in_flight` x [`MAX_MESSAGE_BYTES`] (times the few
+/// copies a request makes on its way), whatever the number of clients. The router's own
+/// admission counts the same requests, after decoding; this limit is what bounds memory.
 pub async fn run(
     listener: TcpListener,
     pki: &Pki,
@@ -232,9 +242,25 @@ pub async fn run(
     let tls = pki
         .server_config(Role::Coordinator)
         .map_err(|e| Status::internal(e.to_string()))?;
+    let admission = tower::ServiceBuilder::new()
+        // tonic would name the shed "too many active requests for the connection"; the
+        // limit is the coordinator's, over every connection.
+        .map_err(|error: tower::BoxError| -> tower::BoxError {
+            if error.is::<tower::load_shed::error::Overloaded>() {
+                Box::new(Status::resource_exhausted(AT_CAPACITY))
+            } else {
+                error
+            }
+        })
+        .load_shed()
+        .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
+            service.router.max_in_flight(),
+        ))
+        .into_inner();
     Server::builder()
         .tls_config(tls)
         .map_err(|e| Status::internal(e.to_string()))?
+        .layer(admission)
         .add_service(
             CoordinatorServer::new(service)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)

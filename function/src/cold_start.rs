@@ -19,8 +19,9 @@
 //! [`AttestedStage`], and it holds keys only because the broker released them.
 
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures::TryStreamExt;
 use prost::Message;
@@ -28,8 +29,9 @@ use shardseal_attestation::{
     AttestationError, ModelId, ModelVersion, Nonce, ReportData, StageIndex, request_quote,
 };
 use shardseal_keys::{
-    KeyReleaseContext, ModelManifest, PlaintextChunk, RecipientPrivateKey, RecipientPublicKey,
-    Sealed, ShardBinding, ShardKey, ShardOpener, SignedManifest, open_key_release,
+    FunctionToken, KeyReleaseContext, ModelManifest, PlaintextChunk, RecipientPrivateKey,
+    RecipientPublicKey, Sealed, ShardBinding, ShardKey, ShardOpener, SignedManifest, VerifyingKey,
+    from_blob, open_key_release,
 };
 use shardseal_proto::tls::{Pki, Role};
 use shardseal_proto::v1::key_broker_client::KeyBrokerClient;
@@ -74,9 +76,37 @@ pub struct AttestedStage {
     pub(crate) engine: StageEngine,
     /// Tensors this stage forwards untouched (live across it, not produced by it).
     pub(crate) outputs: Vec<String>,
-    pub(crate) token: SignedBlob,
+    /// The broker's latest token for this process: a lease on the keys above, renewed by
+    /// attesting again (see `crate::lease`).
+    pub(crate) token: Mutex<SignedBlob>,
+    /// When the lease ends (Unix milliseconds, from the token the broker signed).
+    pub(crate) lease_expires_at_ms: AtomicU64,
     pub(crate) cold_start: ColdStart,
     pub(crate) timings: ColdStartTimings,
+}
+
+impl AttestedStage {
+    /// Whether the broker's lease on this stage's keys has run out.
+    pub(crate) fn lease_expired(&self) -> bool {
+        unix_millis_now() >= self.lease_expires_at_ms.load(Ordering::Acquire)
+    }
+
+    /// The broker's latest token.
+    pub(crate) fn token(&self) -> SignedBlob {
+        self.token
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+}
+
+/// The local clock in Unix milliseconds (token expiries are in the broker's; both are
+/// expected to be kept by NTP, as TLS certificate checks already assume).
+pub(crate) fn unix_millis_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
 }
 
 impl std::fmt::Debug for AttestedStage {
@@ -101,43 +131,17 @@ pub async fn cold_start(config: &ColdStartConfig) -> Result<AttestedStage, Error
     let tls = pki
         .client_config(Role::Broker, None)
         .map_err(|e| Error::Config(e.to_string()))?;
-    let Attested {
-        reply,
-        ephemeral,
-        nonce,
-        broker_id,
-        connected_at,
-    } = attest_retrying(config, &tls).await?;
-
-    let sealed = reply
-        .release
-        .ok_or_else(|| Error::Broker("no key release in the reply".into()))?;
-    let sealed = Sealed::try_from(sealed).map_err(Error::Keys)?;
-    let context = KeyReleaseContext {
-        broker_id,
-        nonce,
-        model: config.model.clone(),
-        stage: config.stage,
-    };
-    let plaintext = open_key_release(&ephemeral, &context, &sealed).map_err(Error::Keys)?;
-    let mut release = KeyRelease::decode(plaintext.expose_secret())
-        .map_err(|_| Error::Broker("malformed key release".into()))?;
-    let shard_key = ShardKey::from_slice(&release.shard_key).map_err(Error::Keys)?;
-    let stage_key =
-        RecipientPrivateKey::from_bytes(&release.stage_private_key).map_err(Error::Keys)?;
-    zeroize::Zeroize::zeroize(&mut release.shard_key);
-    zeroize::Zeroize::zeroize(&mut release.stage_private_key);
-    if release.model_id != config.model.as_str() || release.stage != config.stage.0 {
-        return Err(Error::Broker(
-            "the key release names another model or stage".into(),
-        ));
-    }
-    let next_stage_key = if release.next_stage_public_key.is_empty() {
-        None
-    } else {
-        Some(RecipientPublicKey::from_slice(&release.next_stage_public_key).map_err(Error::Keys)?)
-    };
+    let attested = attest_retrying(config, &tls, started + UNREACHABLE_RETRY_LIMIT).await?;
+    let connected_at = attested.connected_at;
     let attested_at = Instant::now();
+    let Released {
+        release,
+        shard_key,
+        stage_key,
+        next_stage_key,
+        token,
+        lease_expires_at_ms,
+    } = open_release(config, attested)?;
 
     let signed = SignedManifest::from_bytes(&release.signed_manifest).map_err(Error::Keys)?;
     let manifest: ModelManifest = signed.verify(&signed.signer()).map_err(Error::Keys)?;
@@ -215,7 +219,8 @@ pub async fn cold_start(config: &ColdStartConfig) -> Result<AttestedStage, Error
         next_stage_key,
         engine,
         outputs: entry.outputs.iter().map(|t| t.name.clone()).collect(),
-        token: reply.token.unwrap_or_default(),
+        token: Mutex::new(token),
+        lease_expires_at_ms: AtomicU64::new(lease_expires_at_ms),
         cold_start: ColdStart {
             attest_ms: timings.attest_ms,
             fetch_decrypt_ms: timings.fetch_decrypt_ms,
@@ -235,13 +240,87 @@ const FIRST_RETRY_PAUSE: Duration = Duration::from_millis(200);
 const MAX_RETRY_PAUSE: Duration = Duration::from_secs(5);
 
 /// What a successful attestation leaves: the broker's reply and what opens it.
-struct Attested {
+pub(crate) struct Attested {
     reply: AttestResponse,
     ephemeral: RecipientPrivateKey,
     nonce: Nonce,
     broker_id: String,
     /// When the successful attempt had the broker connected and its identity checked.
     connected_at: Instant,
+    broker_key: VerifyingKey,
+}
+
+/// The keys a broker released, and the token that leases them.
+pub(crate) struct Released {
+    pub(crate) release: KeyRelease,
+    pub(crate) shard_key: ShardKey,
+    pub(crate) stage_key: RecipientPrivateKey,
+    pub(crate) next_stage_key: Option<RecipientPublicKey>,
+    pub(crate) token: SignedBlob,
+    pub(crate) lease_expires_at_ms: u64,
+}
+
+/// Opens the key release of an attestation and checks the token that comes with it:
+/// signed by the broker that answered, for this model and stage.
+pub(crate) fn open_release(
+    config: &ColdStartConfig,
+    attested: Attested,
+) -> Result<Released, Error> {
+    let Attested {
+        reply,
+        ephemeral,
+        nonce,
+        broker_id,
+        broker_key,
+        connected_at: _,
+    } = attested;
+    let sealed = reply
+        .release
+        .ok_or_else(|| Error::Broker("no key release in the reply".into()))?;
+    let sealed = Sealed::try_from(sealed).map_err(Error::Keys)?;
+    let context = KeyReleaseContext {
+        broker_id,
+        nonce,
+        model: config.model.clone(),
+        stage: config.stage,
+    };
+    let plaintext = open_key_release(&ephemeral, &context, &sealed).map_err(Error::Keys)?;
+    let mut release = KeyRelease::decode(plaintext.expose_secret())
+        .map_err(|_| Error::Broker("malformed key release".into()))?;
+    let shard_key = ShardKey::from_slice(&release.shard_key).map_err(Error::Keys)?;
+    let stage_key =
+        RecipientPrivateKey::from_bytes(&release.stage_private_key).map_err(Error::Keys)?;
+    zeroize::Zeroize::zeroize(&mut release.shard_key);
+    zeroize::Zeroize::zeroize(&mut release.stage_private_key);
+    if release.model_id != config.model.as_str() || release.stage != config.stage.0 {
+        return Err(Error::Broker(
+            "the key release names another model or stage".into(),
+        ));
+    }
+    let next_stage_key = if release.next_stage_public_key.is_empty() {
+        None
+    } else {
+        Some(RecipientPublicKey::from_slice(&release.next_stage_public_key).map_err(Error::Keys)?)
+    };
+    let token = reply
+        .token
+        .ok_or_else(|| Error::Broker("no function token in the reply".into()))?;
+    let leased: FunctionToken = from_blob::<FunctionToken>(&token)
+        .and_then(|signed| signed.verify(&broker_key))
+        .map_err(|_| Error::Broker("the function token is not signed by the broker".into()))?;
+    if leased.model_id != config.model || leased.stage != config.stage {
+        return Err(Error::Broker(
+            "the function token names another model or stage".into(),
+        ));
+    }
+    Ok(Released {
+        release,
+        shard_key,
+        stage_key,
+        next_stage_key,
+        token,
+        lease_expires_at_ms: leased.expires_at_ms,
+    })
 }
 
 /// Why one attestation attempt failed: worth another try (nothing answered, or the
@@ -252,13 +331,14 @@ enum AttemptFailed {
 }
 
 /// Attests, trying again with exponential backoff (logged) while the broker or the
-/// quoting agent is unreachable, for at most [`UNREACHABLE_RETRY_LIMIT`]. Keys come only
-/// from a successful attestation: a function that never reaches the broker never serves.
-async fn attest_retrying(
+/// quoting agent is unreachable, until `give_up_at` ([`UNREACHABLE_RETRY_LIMIT`] for a
+/// cold start, the lease's end for a renewal). Keys come only from a successful
+/// attestation: a function that never reaches the broker never serves.
+pub(crate) async fn attest_retrying(
     config: &ColdStartConfig,
     tls: &ClientTlsConfig,
+    give_up_at: Instant,
 ) -> Result<Attested, Error> {
-    let began = Instant::now();
     let mut pause = FIRST_RETRY_PAUSE;
     let mut attempt = 1u32;
     loop {
@@ -272,16 +352,16 @@ async fn attest_retrying(
                 }
                 return Ok(attested);
             }
-            Err(AttemptFailed::Unreachable(error))
-                if began.elapsed() + pause < UNREACHABLE_RETRY_LIMIT =>
-            {
+            Err(AttemptFailed::Unreachable(error)) if Instant::now() < give_up_at => {
+                // The last pause ends at `give_up_at`: one more try right then.
+                let this_pause = pause.min(give_up_at.saturating_duration_since(Instant::now()));
                 tracing::warn!(
                     attempt,
-                    retry_in_ms = pause.as_millis() as u64,
+                    retry_in_ms = this_pause.as_millis() as u64,
                     error = %error,
                     "key broker or quoting agent unreachable; retrying"
                 );
-                tokio::time::sleep(pause).await;
+                tokio::time::sleep(this_pause).await;
                 pause = (pause * 2).min(MAX_RETRY_PAUSE);
                 attempt += 1;
             }
@@ -336,6 +416,11 @@ async fn attest_once(
         .map_err(broker_error)?
         .into_inner();
     let broker_id = hex::encode(&info.identity_key);
+    let broker_key = VerifyingKey::from_slice(&info.identity_key).map_err(|_| {
+        Final(Error::Broker(
+            "the broker's identity key is malformed".into(),
+        ))
+    })?;
     if let Some(pinned) = &config.broker_key
         && !pinned.eq_ignore_ascii_case(&broker_id)
     {
@@ -400,6 +485,7 @@ async fn attest_once(
         nonce,
         broker_id,
         connected_at,
+        broker_key,
     })
 }
 

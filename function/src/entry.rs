@@ -118,6 +118,7 @@ async fn serve(args: FunctionArgs) -> Result<(), Error> {
         stage: StageIndex(args.stage),
     };
     let stage = cold_start(&config).await?;
+    let lease_config = config.clone();
     let t = &stage.timings;
     // One line per cold start, with these field names: `shardseal bench` reads them from
     // the function logs.
@@ -136,16 +137,35 @@ async fn serve(args: FunctionArgs) -> Result<(), Error> {
     let addr = listener
         .local_addr()
         .map_err(|e| Error::Config(format!("listen: {e}")))?;
+    let service = StageService::new(stage);
+    let mut lease = tokio::spawn(crate::lease::keep_renewed(
+        lease_config,
+        service.shared_stage(),
+    ));
+    let lease_lost = std::sync::Mutex::new(None);
+    // Serving stops on a signal, or when the key lease can no longer be renewed.
+    let shutdown = async {
+        tokio::select! {
+            () = shutdown_signal() => {}
+            ended = &mut lease => {
+                let error = ended.unwrap_or_else(|e| Error::Config(format!("lease task: {e}")));
+                *lease_lost.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(error);
+            }
+        }
+    };
     println!("{READY_MARKER} {addr}");
     if args.danger_h2c_loopback {
-        return crate::danger::serve_h2c_on_loopback(
-            listener,
-            StageService::new(stage),
-            shutdown_signal(),
-        )
-        .await;
+        crate::danger::serve_h2c_on_loopback(listener, service, shutdown).await?;
+    } else {
+        run(listener, &pki, service, shutdown).await?;
     }
-    run(listener, &pki, StageService::new(stage), shutdown_signal()).await
+    match lease_lost
+        .into_inner()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+    {
+        Some(error) => Err(error),
+        None => Ok(()),
+    }
 }
 
 async fn shutdown_signal() {

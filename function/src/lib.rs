@@ -21,6 +21,7 @@ pub mod danger;
 mod engine;
 mod entry;
 mod hardening;
+mod lease;
 mod memory;
 mod service;
 mod wipe_alloc;
@@ -153,4 +154,8 @@ pub enum Error {
     /// tract failed while running the shard.
     #[error("inference failed: {0}")]
     Inference(String),
+    /// The broker's lease on the stage's keys ran out before it could be renewed (the
+    /// broker was unreachable): the function stops serving.
+    #[error("the key lease expired before the key broker renewed it")]
+    LeaseExpired,
 }

@@ -39,6 +39,11 @@ impl StageService {
         }
     }
 
+    /// The stage this service serves, shared with the task that renews its key lease.
+    pub(crate) fn shared_stage(&self) -> Arc<AttestedStage> {
+        self.stage.clone()
+    }
+
     /// Opens, runs and reseals one request's activations. Errors name what failed,
     /// never a value.
     fn process_sealed(
@@ -152,7 +157,7 @@ impl StageFunction for StageService {
             model_id: s.model.to_string(),
             version: s.version.0,
             stage: s.stage.0,
-            token: Some(s.token.clone()),
+            token: Some(s.token()),
             cold_start: Some(s.cold_start),
         }))
     }
@@ -195,6 +200,10 @@ impl StageService {
         activations: Option<shardseal_proto::v1::Sealed>,
     ) -> Result<Response<ProcessResponse>, Status> {
         let this = &self.stage;
+        // The process exits when its lease ends; this covers the moment in between.
+        if this.lease_expired() {
+            return Err(Status::unavailable("key lease expired; renewing"));
+        }
         if header.model_id != this.model.as_str() || header.version != this.version.0 {
             return Err(Status::failed_precondition(format!(
                 "this function serves {}@{}",
