@@ -16,13 +16,11 @@
 
 use std::future::Future;
 
-use shardseal_proto::v1::stage_function_server::StageFunctionServer;
 use tokio::net::TcpListener;
 use tonic::transport::Server;
-use tonic::transport::server::TcpIncoming;
 
 use crate::Error;
-use crate::service::{MAX_MESSAGE_BYTES, StageService};
+use crate::service::{StageService, serve_stage};
 
 /// Serves `service` over plaintext h2c until `shutdown` resolves; refuses a listener that
 /// is not on a loopback address.
@@ -41,16 +39,5 @@ pub async fn serve_h2c_on_loopback(
         )));
     }
     tracing::warn!(%addr, "serving plaintext h2c on loopback: transport security is the proxy's");
-    Server::builder()
-        .add_service(
-            StageFunctionServer::new(service)
-                .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(MAX_MESSAGE_BYTES),
-        )
-        .serve_with_incoming_shutdown(
-            TcpIncoming::from(listener).with_nodelay(Some(true)),
-            shutdown,
-        )
-        .await
-        .map_err(|e| Error::Config(format!("server: {e}")))
+    serve_stage(Server::builder(), listener, service, shutdown).await
 }

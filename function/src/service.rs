@@ -272,9 +272,21 @@ pub async fn run(
     let tls = pki
         .server_config(Role::Function)
         .map_err(|e| Error::Config(e.to_string()))?;
-    Server::builder()
+    let server = Server::builder()
         .tls_config(tls)
-        .map_err(|e| Error::Config(e.to_string()))?
+        .map_err(|e| Error::Config(e.to_string()))?;
+    serve_stage(server, listener, service, shutdown).await
+}
+
+/// Serves the stage on `listener` with `server` (TLS, or plaintext h2c behind a proxy)
+/// until `shutdown` resolves: the one place the message limits and socket options are set.
+pub(crate) async fn serve_stage(
+    mut server: Server,
+    listener: TcpListener,
+    service: StageService,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), Error> {
+    server
         .add_service(
             StageFunctionServer::new(service)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
