@@ -36,7 +36,7 @@ use shardseal_proto::tensor::HostTensor;
 use shardseal_sdk::{Client, Error};
 use shardseal_testkit::cluster::Cluster;
 use shardseal_testkit::models;
-use shardseal_testkit::sealed::inputs_for;
+use shardseal_testkit::sealed::{inputs_for, max_relative_diff};
 
 fn shardseal() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_shardseal"))
@@ -48,24 +48,6 @@ fn args(list: &[&str]) -> Vec<String> {
 
 const WEIGHT: f32 = 1234.5677;
 const INPUT: f32 = -7654.3213;
-
-/// The largest difference between two output sets, relative to the expected magnitude
-/// (the canary model's outputs are around 1e17).
-fn relative_diff(expected: &[HostTensor], actual: &[HostTensor]) -> f64 {
-    assert_eq!(expected.len(), actual.len(), "output count");
-    let mut max = 0.0f64;
-    for e in expected {
-        let a = actual
-            .iter()
-            .find(|a| a.name() == e.name())
-            .unwrap_or_else(|| panic!("missing output {}", e.name()));
-        assert_eq!(a.shape(), e.shape());
-        for (x, y) in e.to_f64_lossy().iter().zip(a.to_f64_lossy()) {
-            max = max.max((x - y).abs() / x.abs().max(1.0));
-        }
-    }
-    max
-}
 
 /// Requests with their expected outputs (plain tract on the whole model).
 struct Workload {
@@ -105,7 +87,7 @@ fn stream(
                     i += clients;
                     match client.infer(workload.model, inputs.clone()).await {
                         Ok(got) => {
-                            let diff = relative_diff(expected, &got.outputs);
+                            let diff = max_relative_diff(expected, &got.outputs);
                             if diff <= 1e-5 {
                                 outcomes.ok.fetch_add(1, Ordering::Relaxed);
                             } else {
@@ -248,7 +230,7 @@ async fn kill_9_of_each_service_mid_stream_recovers_by_itself() {
         .infer("mlp2", inputs.clone())
         .await
         .expect("a cold start against the restarted broker");
-    assert!(relative_diff(expected, &got.outputs) <= 1e-5);
+    assert!(max_relative_diff(expected, &got.outputs) <= 1e-5);
 
     // The quoting agent: functions need it only to cold-start, so kill a function too.
     let old = cluster.kill_service("quoting-agent");
@@ -426,7 +408,7 @@ async fn with_the_broker_down_warm_functions_serve_and_a_cold_start_waits_for_it
     // The coordinator learns `cold` (from the broker) and serves it once; then it idles.
     let (inputs, expected) = &cold.cases[0];
     let got = client.infer("cold", inputs.clone()).await.unwrap();
-    assert!(relative_diff(expected, &got.outputs) <= 1e-5);
+    assert!(max_relative_diff(expected, &got.outputs) <= 1e-5);
     let until = std::time::Instant::now() + Duration::from_secs(60);
     while cluster.replica_counts("cold", 2) != [0, 0] {
         assert!(
@@ -447,7 +429,7 @@ async fn with_the_broker_down_warm_functions_serve_and_a_cold_start_waits_for_it
         let (inputs, expected) = cold.cases[0].clone();
         tokio::spawn(async move {
             let got = client.infer("cold", inputs).await?;
-            Ok::<_, Error>(relative_diff(&expected, &got.outputs))
+            Ok::<_, Error>(max_relative_diff(&expected, &got.outputs))
         })
     };
     let until = std::time::Instant::now() + Duration::from_secs(120);
@@ -490,7 +472,7 @@ async fn with_the_broker_down_warm_functions_serve_and_a_cold_start_waits_for_it
     );
     for (inputs, expected) in &cold.cases {
         let got = client.infer("cold", inputs.clone()).await.unwrap();
-        assert!(relative_diff(expected, &got.outputs) <= 1e-5);
+        assert!(max_relative_diff(expected, &got.outputs) <= 1e-5);
     }
     stop.store(true, Ordering::Relaxed);
     for c in warm_stream {
@@ -526,7 +508,7 @@ async fn a_broker_that_cannot_write_its_state_refuses_registrations_clearly() {
     let workload = mlp_workload(&client, &model, "mlp").await;
     let (inputs, expected) = &workload.cases[0];
     let got = client.infer("mlp", inputs.clone()).await.unwrap();
-    assert!(relative_diff(expected, &got.outputs) <= 1e-5);
+    assert!(max_relative_diff(expected, &got.outputs) <= 1e-5);
 
     // A file where the broker must create the new model's folder.
     let state = cluster.state().to_owned();
@@ -571,7 +553,7 @@ async fn a_broker_that_cannot_write_its_state_refuses_registrations_clearly() {
     let mut function = cluster.start_function("mlp", 0).await;
     assert!(function.is_running());
     let again = client.infer("mlp", inputs.clone()).await.unwrap();
-    assert!(relative_diff(expected, &again.outputs) <= 1e-5);
+    assert!(max_relative_diff(expected, &again.outputs) <= 1e-5);
 
     // Once the way is clear, the same registration goes through without a restart.
     std::fs::remove_file(&blocker).unwrap();
@@ -580,7 +562,7 @@ async fn a_broker_that_cannot_write_its_state_refuses_registrations_clearly() {
     let blocked_work = mlp_workload(&fresh, &blocked, "blocked").await;
     let (inputs, expected) = &blocked_work.cases[0];
     let got = fresh.infer("blocked", inputs.clone()).await.unwrap();
-    assert!(relative_diff(expected, &got.outputs) <= 1e-5);
+    assert!(max_relative_diff(expected, &got.outputs) <= 1e-5);
 
     cluster.audit_verify(
         &state.join("broker").join("audit"),

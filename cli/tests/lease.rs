@@ -19,26 +19,12 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use shardseal_function::StageEngine;
-use shardseal_proto::tensor::HostTensor;
 use shardseal_sdk::Error;
 use shardseal_testkit::cluster::Cluster;
 use shardseal_testkit::models;
-use shardseal_testkit::sealed::inputs_for;
+use shardseal_testkit::sealed::{inputs_for, max_relative_diff};
 
 const LEASE_MS: u64 = 4_000;
-
-fn relative_diff(expected: &[HostTensor], actual: &[HostTensor]) -> f64 {
-    assert_eq!(expected.len(), actual.len(), "output count");
-    let mut max = 0.0f64;
-    for e in expected {
-        let a = actual.iter().find(|a| a.name() == e.name()).unwrap();
-        assert_eq!(a.shape(), e.shape());
-        for (x, y) in e.to_f64_lossy().iter().zip(a.to_f64_lossy()) {
-            max = max.max((x - y).abs() / x.abs().max(1.0));
-        }
-    }
-    max
-}
 
 /// The pid and log file of the function process serving `model` stage 0.
 fn function(cluster: &Cluster, model: &str) -> Option<(u32, PathBuf)> {
@@ -74,7 +60,7 @@ async fn a_warm_function_renews_its_lease_and_stops_when_the_broker_stays_away()
     let expected = engine.run(&inputs).unwrap();
     let served = |got: Result<shardseal_sdk::Inference, Error>| {
         let got = got.expect("served");
-        let diff = relative_diff(&expected, &got.outputs);
+        let diff = max_relative_diff(&expected, &got.outputs);
         assert!(diff <= 1e-5, "diff {diff}");
     };
     served(client.infer("leased", inputs.clone()).await);
