@@ -29,7 +29,8 @@ use shardseal_attestation::{ModelId, ModelVersion, StageIndex};
 use shardseal_coordinator::{Plan, PlanOptions};
 use shardseal_function::StageEngine;
 use shardseal_keys::{
-    DEFAULT_CHUNK_SIZE, OwnerKeyStore, ShardBinding, ShardKey, ShardOpener, seal_shard,
+    ChunkOpener, DEFAULT_CHUNK_SIZE, OwnerKeyStore, PlaintextChunk, SealedChunk, ShardBinding,
+    ShardGatherer, ShardKey, ShardStats, seal_shard,
 };
 use shardseal_proto::tensor::HostTensor;
 use shardseal_sdk::Client;
@@ -120,12 +121,15 @@ struct RunReport {
     /// `plain_load_ms` in its two phases.
     plain_load_phases: LoadPhases,
     stage_cold_start: Vec<StageColdStart>,
-    /// AES-256-GCM shard opening (chunk framing and SHA-256 of the ciphertext included),
-    /// in memory, on the largest shard: GB/s of plaintext.
+    /// Shard decryption, in memory, on the largest shard, GB/s of plaintext: a function's
+    /// decrypting half (authentication, AES-256-GCM in place and the shard digest) over
+    /// chunks already received into their buffers. `decrypt_parts_gbps.open_in_place`.
     decrypt_gbps: f64,
-    /// `decrypt_gbps` taken apart: SHA-256 of the ciphertext alone and the AES-256-GCM
-    /// chunk opener alone.
+    /// `decrypt_gbps`, and receiving and decrypting together in memory.
     decrypt_parts_gbps: DecryptSpeed,
+    /// What the functions' decrypting threads did: all shards' bytes over the time they
+    /// spent decrypting (`decrypt_ms` of their `cold start` lines).
+    function_decrypt_gbps: f64,
     /// What the functions saw, file read included: all shards' bytes over their
     /// fetch-and-decrypt time.
     function_fetch_decrypt_gbps: f64,
@@ -433,71 +437,89 @@ fn provision_variant(
 /// How fast a shard opens in memory, GB/s of plaintext, best of three each.
 #[derive(Debug, Clone, Copy, Serialize)]
 struct DecryptSpeed {
-    /// The way a function opens it: 1 MiB reads, the chunks opened (AES-256-GCM) and
-    /// kept as they are while the ciphertext's SHA-256 runs on another thread.
-    whole: f64,
-    /// SHA-256 of the ciphertext alone.
-    sha256: f64,
-    /// The chunk opener alone (AES-256-GCM, framing and its per-chunk buffers), without
-    /// the digest and the copy into one buffer.
-    open: f64,
+    /// A function's decrypting half alone: a `ChunkOpener` authenticating and decrypting,
+    /// in place, chunks a `ShardGatherer` already copied into their buffers (the receive),
+    /// shard digest included.
+    open_in_place: f64,
+    /// Both halves as a function runs them: the gatherer taking the sealed shard in 256 KiB
+    /// pieces (copying each chunk into fresh memory) on this thread, the opener on another.
+    gather_and_open: f64,
 }
 
 /// Seals `plaintext` as a shard under a throwaway key, then opens it the way a function
-/// does, and each part of that alone.
+/// does: the decrypting half alone, and both halves together.
 fn measure_decrypt(plaintext: &[u8], id: &ModelId) -> anyhow::Result<DecryptSpeed> {
+    const PIECE: usize = 256 << 10;
     let key = ShardKey::generate()?;
     let binding = ShardBinding::new(id.clone(), ModelVersion(1), StageIndex(0));
     let mut sealed = Vec::with_capacity(plaintext.len() + plaintext.len() / 64 + 4096);
-    seal_shard(&key, &binding, DEFAULT_CHUNK_SIZE, plaintext, &mut sealed)?;
+    let info = seal_shard(&key, &binding, DEFAULT_CHUNK_SIZE, plaintext, &mut sealed)?;
     let gbps = |seconds: f64| plaintext.len() as f64 / seconds / 1e9;
-    let best_of_three = |f: &dyn Fn() -> anyhow::Result<()>| -> anyhow::Result<f64> {
-        let mut best = f64::INFINITY;
-        for _ in 0..3 {
-            let t = Instant::now();
-            f()?;
-            best = best.min(t.elapsed().as_secs_f64());
+    let check = |stats: ShardStats, opened: &[PlaintextChunk]| -> anyhow::Result<()> {
+        let len: usize = opened.iter().map(|c| c.expose_secret().len()).sum();
+        if stats.digest != info.digest || len != plaintext.len() {
+            bail!("the shard opened to {len} bytes or another digest");
         }
-        Ok(gbps(best))
+        Ok(())
     };
-    let whole = best_of_three(&|| {
-        std::thread::scope(|scope| {
-            let digest = scope.spawn(|| ring::digest::digest(&ring::digest::SHA256, &sealed));
-            let mut opener = ShardOpener::new(&key, binding.clone());
-            let mut chunks = Vec::new();
-            for read in sealed.chunks(1 << 20) {
-                chunks.extend(opener.update(read)?);
-            }
-            opener.finish()?;
-            let opened: usize = chunks.iter().map(|c| c.expose_secret().len()).sum();
-            if digest.join().is_err() {
-                bail!("the hashing thread panicked");
-            }
-            if opened != plaintext.len() {
-                bail!(
-                    "the shard opened to {opened} bytes, not {}",
-                    plaintext.len()
-                );
-            }
-            Ok(())
-        })
-    })?;
-    let sha256 = best_of_three(&|| {
-        let _ = ring::digest::digest(&ring::digest::SHA256, &sealed);
-        Ok(())
-    })?;
-    let open = best_of_three(&|| {
-        let mut opener = ShardOpener::new(&key, binding.clone());
-        for read in sealed.chunks(1 << 20) {
-            drop(opener.update(read)?);
+    let gather = || -> anyhow::Result<Vec<SealedChunk>> {
+        let mut gatherer = ShardGatherer::new(binding.clone());
+        let mut gathered = Vec::new();
+        for piece in sealed.chunks(PIECE) {
+            gatherer.update(piece, &mut gathered)?;
         }
-        opener.finish()?;
-        Ok(())
-    })?;
+        gatherer.finish()?;
+        Ok(gathered)
+    };
+    let mut open_in_place = f64::INFINITY;
+    let mut gather_and_open = f64::INFINITY;
+    for _ in 0..3 {
+        // The opener alone: gathered before the clock starts.
+        let gathered = gather()?;
+        let t = Instant::now();
+        let mut opener = ChunkOpener::new(&key, binding.clone());
+        let opened = gathered
+            .into_iter()
+            .map(|c| opener.open(c))
+            .collect::<Result<Vec<_>, _>>()?;
+        let stats = opener.finish()?;
+        open_in_place = open_in_place.min(t.elapsed().as_secs_f64());
+        check(stats, &opened)?;
+        drop(opened);
+
+        // Both halves, overlapped on two threads as in a function.
+        let t = Instant::now();
+        let (stats, opened) = std::thread::scope(|scope| -> anyhow::Result<_> {
+            let (send, receive) = std::sync::mpsc::sync_channel::<SealedChunk>(8);
+            let opening = scope.spawn(|| -> anyhow::Result<_> {
+                let mut opener = ChunkOpener::new(&key, binding.clone());
+                let opened = receive
+                    .into_iter()
+                    .map(|c| opener.open(c))
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok((opener.finish()?, opened))
+            });
+            let mut gatherer = ShardGatherer::new(binding.clone());
+            let mut gathered = Vec::new();
+            for piece in sealed.chunks(PIECE) {
+                gatherer.update(piece, &mut gathered)?;
+                for chunk in gathered.drain(..) {
+                    if send.send(chunk).is_err() {
+                        break;
+                    }
+                }
+            }
+            drop(send);
+            opening
+                .join()
+                .map_err(|_| anyhow::anyhow!("the opening thread panicked"))?
+        })?;
+        gather_and_open = gather_and_open.min(t.elapsed().as_secs_f64());
+        check(stats, &opened)?;
+    }
     Ok(DecryptSpeed {
-        whole,
-        sha256,
-        open,
+        open_in_place: gbps(open_in_place),
+        gather_and_open: gbps(gather_and_open),
     })
 }
 
@@ -592,6 +614,8 @@ async fn measure(
     let mut stage_cold_start = Vec::new();
     let mut fetch_bytes = 0u64;
     let mut fetch_ms = 0.0;
+    let mut decrypt_bytes = 0u64;
+    let mut decrypt_ms = 0.0;
     for r in replicas {
         let i = r.stage as usize;
         if let (Some(slot), Some(rss)) = (stage_peak_rss_mb.get_mut(i), peak_rss_bytes(r.pid)) {
@@ -603,6 +627,10 @@ async fn measure(
         if let Some(ms) = logged.fetch_decrypt_ms {
             fetch_bytes += v.shard_bytes.get(i).copied().unwrap_or(0);
             fetch_ms += ms;
+        }
+        if let Some(ms) = logged.decrypt_ms {
+            decrypt_bytes += v.shard_bytes.get(i).copied().unwrap_or(0);
+            decrypt_ms += ms;
         }
         let plain = v
             .shard_load
@@ -668,13 +696,10 @@ async fn measure(
         plain_load_ms: plain_load.total_ms(),
         plain_load_phases: plain_load,
         stage_cold_start,
-        decrypt_gbps: v.decrypt.whole,
+        decrypt_gbps: v.decrypt.open_in_place,
         decrypt_parts_gbps: v.decrypt,
-        function_fetch_decrypt_gbps: if fetch_ms > 0.0 {
-            fetch_bytes as f64 / (fetch_ms / 1e3) / 1e9
-        } else {
-            f64::NAN
-        },
+        function_decrypt_gbps: gbps(decrypt_bytes, decrypt_ms),
+        function_fetch_decrypt_gbps: gbps(fetch_bytes, fetch_ms),
         stage_peak_rss_mb,
         stage_shard_mb: v.shard_bytes.iter().map(|&b| b as f64 / MIB).collect(),
         cut_bytes_per_request,
@@ -853,15 +878,13 @@ fn print_run(r: &RunReport) {
         r.plain_load_phases.parse_ms,
         r.plain_load_phases.optimize_ms
     );
+    let finite = |v: f64| Some(v).filter(|v| v.is_finite());
     println!(
-        "decrypt {:.2} GB/s in memory (SHA-256 alone {:.2}, AES-GCM opener alone {:.2}), {} GB/s in functions (file read included)",
+        "decrypt {:.2} GB/s in memory, in place (receiving and decrypting on two threads {:.2}); in the functions {} GB/s decrypting, {} GB/s with the store read",
         r.decrypt_gbps,
-        r.decrypt_parts_gbps.sha256,
-        r.decrypt_parts_gbps.open,
-        opt(
-            Some(r.function_fetch_decrypt_gbps).filter(|v| v.is_finite()),
-            2
-        )
+        r.decrypt_parts_gbps.gather_and_open,
+        opt(finite(r.function_decrypt_gbps), 2),
+        opt(finite(r.function_fetch_decrypt_gbps), 2)
     );
     println!(
         "{:>5} | {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} | {:>8} {:>8} {:>8} {:>6} | {:>8} {:>8} | {:>7} {:>7} {:>7}",
@@ -974,6 +997,15 @@ fn print_batch_probe(p: &BatchProbe) {
 }
 
 /// A figure, or "n/a" when it was not measured.
+/// GB/s of `bytes` in `ms` milliseconds; NaN (null in the JSON) when nothing was timed.
+fn gbps(bytes: u64, ms: f64) -> f64 {
+    if ms > 0.0 {
+        bytes as f64 / (ms / 1e3) / 1e9
+    } else {
+        f64::NAN
+    }
+}
+
 fn opt(v: Option<f64>, decimals: usize) -> String {
     v.map_or_else(|| "n/a".to_owned(), |v| format!("{v:.decimals$}"))
 }

@@ -145,7 +145,7 @@ fn run_provision(args: ProvisionArgs) -> anyhow::Result<()> {
                     "shard_file": s.shard_file,
                     "ciphertext_bytes": s.shard_size,
                     "plaintext_bytes": s.plaintext_size,
-                    "sha256": hex::encode(s.shard_digest),
+                    "shard_digest": hex::encode(s.shard_digest),
                 })
             })
             .collect();
@@ -170,7 +170,7 @@ fn run_provision(args: ProvisionArgs) -> anyhow::Result<()> {
     );
     for s in &m.stages {
         println!(
-            "  stage {}: {} ({} bytes ciphertext, sha256 {})",
+            "  stage {}: {} ({} bytes ciphertext, shard digest {})",
             s.index.0,
             s.shard_file,
             s.shard_size,

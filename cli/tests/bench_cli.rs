@@ -108,6 +108,19 @@ fn bench_json_reports_every_field_for_each_stage_count() {
         let phases = &report["plain_load_phases"];
         let whole = number(phases, "parse_ms") + number(phases, "optimize_ms");
         assert!((number(report, "plain_load_ms") - whole).abs() < 1e-9 * whole);
+        let parts = &report["decrypt_parts_gbps"];
+        assert_eq!(
+            number(parts, "open_in_place"),
+            number(report, "decrypt_gbps")
+        );
+        assert!(number(parts, "gather_and_open") > 0.0);
+        // Every function logs its decryption time; a tiny shard may take under a
+        // microsecond, so the rate may be null but never zero or negative.
+        let decrypt = &report["function_decrypt_gbps"];
+        assert!(
+            decrypt.is_null() || decrypt.as_f64().is_some_and(|v| v > 0.0),
+            "{decrypt}"
+        );
         // Null only if the functions stop logging their fetch and decrypt time.
         let fetch = &report["function_fetch_decrypt_gbps"];
         assert!(

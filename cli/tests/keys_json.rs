@@ -60,7 +60,7 @@ fn init_and_provision_report_what_they_wrote_as_json() {
     assert_eq!(stages.len(), 2);
     for (reported, entry) in stages.iter().zip(&manifest.stages) {
         assert_eq!(reported["stage"], entry.index.0);
-        assert_eq!(reported["sha256"], hex::encode(entry.shard_digest));
+        assert_eq!(reported["shard_digest"], hex::encode(entry.shard_digest));
         let file = out.join(reported["shard_file"].as_str().unwrap());
         assert_eq!(
             reported["ciphertext_bytes"],

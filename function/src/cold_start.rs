@@ -3,14 +3,14 @@
 //! ```text
 //! harden ─▶ ephemeral key ─▶ nonce (broker) ─▶ quote (agent) ─▶ attest (broker)
 //!        ─▶ open key release ─▶ stream shard from the store, decrypting each chunk
-//!        ─▶ tract load + optimise (digest checked alongside) ─▶ wipe plaintext ─▶ ready
+//!        ─▶ check the shard digest ─▶ tract load + optimise ─▶ wipe plaintext ─▶ ready
 //! ```
 //!
-//! Reading, hashing and decrypting the shard overlap (the store stream on this task, the
-//! decryption and the hash each on a blocking thread; the digest is checked while tract
-//! loads, before the stage serves). Parsing cannot join them: tract parses a complete
-//! protobuf only, so loading starts once the last chunk is authenticated; it then frees
-//! the plaintext chunk by chunk as the decoder passes them.
+//! Receiving and decrypting the shard overlap (the store stream and the gathering of each
+//! chunk into its own buffer on this task, decryption in place and the shard digest on a
+//! blocking thread). Parsing cannot join them: tract parses a complete protobuf only, so
+//! loading starts once the last chunk is authenticated and the digest matches the signed
+//! manifest; it then frees the plaintext chunk by chunk as the decoder passes them.
 //!
 //! Once ready, the function logs one `cold start` line with each phase's duration
 //! ([`ColdStartTimings`]).
@@ -29,9 +29,9 @@ use shardseal_attestation::{
     AttestationError, ModelId, ModelVersion, Nonce, ReportData, StageIndex, request_quote,
 };
 use shardseal_keys::{
-    FunctionToken, KeyReleaseContext, ModelManifest, PlaintextChunk, RecipientPrivateKey,
-    RecipientPublicKey, Sealed, ShardBinding, ShardKey, ShardOpener, SignedManifest, VerifyingKey,
-    from_blob, open_key_release,
+    ChunkOpener, FunctionToken, KeyReleaseContext, ModelManifest, PlaintextChunk,
+    RecipientPrivateKey, RecipientPublicKey, Sealed, SealedChunk, ShardBinding, ShardGatherer,
+    ShardKey, SignedManifest, VerifyingKey, from_blob, open_key_release,
 };
 use shardseal_proto::tls::{Pki, Role};
 use shardseal_proto::v1::key_broker_client::KeyBrokerClient;
@@ -169,9 +169,13 @@ pub async fn cold_start(config: &ColdStartConfig) -> Result<AttestedStage, Error
     let fetched = fetch_and_open(store, &shard_key_path, &shard_key, binding).await?;
     let shard_bytes = fetched.plaintext_len;
 
-    // Every chunk is already authenticated (AES-GCM under the released key); the digest
-    // from the signed manifest is checked on the other core while tract loads, and before
-    // the stage serves anything.
+    // Every chunk is authenticated (AES-GCM under the released key); the digest pins them
+    // to the shard the owner signed in the manifest. Checked before anything is parsed.
+    if fetched.digest != entry.shard_digest {
+        return Err(Error::Store(
+            "the shard's digest differs from the signed manifest".into(),
+        ));
+    }
     let loading = tokio::task::spawn_blocking(move || {
         let loaded = StageEngine::load_shard(fetched.chunks);
         // Give the memory of the plaintext, the proto and the unoptimised model back to the
@@ -179,15 +183,6 @@ pub async fn cold_start(config: &ColdStartConfig) -> Result<AttestedStage, Error
         crate::memory::release_free_memory();
         loaded
     });
-    let digest = fetched
-        .digest
-        .await
-        .map_err(|e| Error::Store(format!("hashing task: {e}")))?;
-    if digest.as_ref() != entry.shard_digest {
-        return Err(Error::Store(
-            "the shard's digest differs from the signed manifest".into(),
-        ));
-    }
     let (engine, load) = loading
         .await
         .map_err(|e| Error::ModelLoad(format!("loader task: {e}")))??;
@@ -503,12 +498,12 @@ pub struct ColdStartTimings {
     /// Quote and key release: nonce, quote from the agent, attestation at the broker,
     /// opening the release.
     pub attest_ms: f64,
-    /// Reading the sealed shard from the store, wall clock from request to last byte.
-    /// Overlaps `decrypt_ms`; the ciphertext's SHA-256 runs on its own thread and may
-    /// overlap `load_ms` (it is checked before the stage is ready).
+    /// Reading the sealed shard from the store and gathering it into chunk buffers, wall
+    /// clock from request to last byte. Overlaps `decrypt_ms`.
     pub fetch_ms: f64,
-    /// Time spent decrypting and authenticating chunks (summed; it runs on its own thread
-    /// while the next chunks are read, so it overlaps `fetch_ms`).
+    /// Time spent authenticating and decrypting chunks in place, shard digest included
+    /// (summed; it runs on its own thread while the next chunks are read, so it overlaps
+    /// `fetch_ms`).
     pub decrypt_ms: f64,
     /// Fetch and decrypt together, wall clock.
     pub fetch_decrypt_ms: f64,
@@ -549,23 +544,23 @@ pub fn process_age() -> Option<std::time::Duration> {
 struct FetchedShard {
     chunks: Vec<PlaintextChunk>,
     plaintext_len: u64,
-    /// Wall clock from the request to the store to the last ciphertext byte (hashed).
+    /// The shard digest the opener computed, for the caller to check against the manifest.
+    digest: [u8; 32],
+    /// Wall clock from the request to the store to the last ciphertext byte gathered.
     fetch: std::time::Duration,
     /// Time spent in decryption.
     decrypt: std::time::Duration,
-    /// SHA-256 of the ciphertext, computed on its own thread (it may still be running).
-    digest: tokio::task::JoinHandle<ring::digest::Digest>,
     fetched_at: Instant,
 }
 
-/// How many ciphertext pieces (256 KiB each from a local store) may wait for the decrypting
-/// thread: enough to keep both busy, little enough to bound memory (8 MiB).
-const PIPELINE_DEPTH: usize = 32;
+/// How many gathered chunks (1 MiB each by default) may wait for the decrypting thread:
+/// enough to keep both busy, little enough to bound what waits (8 MiB).
+const PIPELINE_DEPTH: usize = 8;
 
-/// Streams the sealed shard from the store while a blocking thread decrypts and
-/// authenticates each chunk as soon as it is complete, and another hashes the ciphertext
-/// (checked against the owner-signed manifest by the caller), so reading, decrypting and
-/// hashing overlap, and hashing may go on while the shard loads.
+/// Streams the sealed shard from the store, gathering each chunk into its own buffer as it
+/// arrives (the copy out of the store's buffers and the first touch of the memory the
+/// plaintext will occupy), while a blocking thread authenticates and decrypts each gathered
+/// chunk in place and computes the shard digest: receiving and decrypting overlap.
 async fn fetch_and_open(
     store: Arc<dyn ShardStore>,
     key_path: &StoreKey,
@@ -578,67 +573,64 @@ async fn fetch_and_open(
         .get_stream(key_path)
         .await
         .map_err(|e| Error::Store(e.to_string()))?;
-    let mut opener = ShardOpener::new(key, binding);
-    let (pieces, mut arriving) = tokio::sync::mpsc::channel::<prost::bytes::Bytes>(PIPELINE_DEPTH);
+    let mut gatherer = ShardGatherer::new(binding.clone());
+    let mut opener = ChunkOpener::new(key, binding);
+    let (to_open, mut arriving) = tokio::sync::mpsc::channel::<SealedChunk>(PIPELINE_DEPTH);
     let decrypting = tokio::task::spawn_blocking(move || {
         let mut chunks = Vec::new();
         let mut busy = std::time::Duration::ZERO;
-        while let Some(piece) = arriving.blocking_recv() {
+        while let Some(sealed) = arriving.blocking_recv() {
             let started = Instant::now();
-            let opened = opener.update(&piece);
-            // The ciphertext never held plaintext: give it back without the wipe.
-            crate::WipeOnFree::free_unwiped(piece);
-            chunks.extend(opened.map_err(Error::Keys)?);
+            chunks.push(opener.open(sealed).map_err(Error::Keys)?);
             busy += started.elapsed();
         }
         let stats = opener.finish().map_err(Error::Keys)?;
-        Ok::<_, Error>((chunks, stats.plaintext_len, busy))
+        Ok::<_, Error>((chunks, stats, busy))
     });
-    // Unbounded, so a slower hash never holds back decryption: what it has not hashed
-    // yet is at most the shard's ciphertext, and the shard is read at once anyway.
-    let (to_hash, mut hashing) = tokio::sync::mpsc::unbounded_channel::<prost::bytes::Bytes>();
-    let digest = tokio::task::spawn_blocking(move || {
-        let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
-        while let Some(piece) = hashing.blocking_recv() {
-            digest.update(&piece);
-            crate::WipeOnFree::free_unwiped(piece);
-        }
-        digest.finish()
-    });
-    let mut fetch_error = None;
-    loop {
-        match ciphertext.try_next().await {
-            Ok(Some(piece)) => {
-                // The hashing thread is gone only if it panicked; the digest check reports it.
-                let _ = to_hash.send(piece.clone());
-                if pieces.send(piece).await.is_err() {
-                    // The decrypting thread stopped on an error, reported below.
-                    break;
-                }
-            }
+    let mut refused = None;
+    let mut gathered = Vec::new();
+    'receiving: loop {
+        let piece = match ciphertext.try_next().await {
+            Ok(Some(piece)) => piece,
             Ok(None) => break,
             Err(e) => {
-                fetch_error = Some(Error::Store(e.to_string()));
+                refused = Some(Error::Store(e.to_string()));
                 break;
             }
+        };
+        let step = gatherer.update(&piece, &mut gathered);
+        // The ciphertext never held plaintext: give it back without the wipe.
+        crate::WipeOnFree::free_unwiped(piece);
+        // Chunks gathered before a refused byte still go to the opener: a forged frame
+        // shows here as trailing bytes, there as the forgery it is.
+        for sealed in gathered.drain(..) {
+            if to_open.send(sealed).await.is_err() {
+                // The decrypting thread stopped on an error, reported below.
+                break 'receiving;
+            }
+        }
+        if let Err(e) = step {
+            refused = Some(Error::Keys(e));
+            break;
         }
     }
-    drop(pieces);
-    drop(to_hash);
+    drop(to_open);
     let fetch = fetch_started.elapsed();
     let opened = decrypting
         .await
         .map_err(|e| Error::Store(format!("decrypting task: {e}")))?;
-    if let Some(error) = fetch_error {
+    // The opener's error names a forgery precisely; a store failure or refused framing
+    // comes next. (A stream that ended early fails both ways: the opener reports it.)
+    let (chunks, stats, decrypt) = opened?;
+    if let Some(error) = refused {
         return Err(error);
     }
-    let (chunks, plaintext_len, decrypt) = opened?;
     Ok(FetchedShard {
         chunks,
-        plaintext_len,
+        plaintext_len: stats.plaintext_len,
+        digest: stats.digest,
         fetch,
         decrypt,
-        digest,
         fetched_at: Instant::now(),
     })
 }

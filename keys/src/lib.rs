@@ -61,9 +61,9 @@ pub use seal::{
 };
 pub use secret::{MasterKey, SecretBytes, ShardKey, ShardKeys};
 pub use shard::{
-    DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, PlaintextChunk, SHARD_FORMAT_VERSION,
-    SealedShardInfo, ShardBinding, ShardHeader, ShardOpener, ShardPlaintextOpener, ShardSealer,
-    ShardStats, open_shard, seal_shard, sealed_shard_len,
+    ChunkOpener, DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, PlaintextChunk,
+    SHARD_FORMAT_VERSION, SealedChunk, SealedShardInfo, ShardBinding, ShardGatherer, ShardHeader,
+    ShardOpener, ShardSealer, ShardStats, open_shard, seal_shard, sealed_shard_len,
 };
 pub use shardseal_proto::tensor::DType;
 pub use signing::{

@@ -1,7 +1,7 @@
 //! The model manifest: what a provisioned model version is made of, signed by its owner.
 //!
 //! It lists the model's boundary tensors and, per stage, the tensors the stage takes and
-//! gives, its encrypted shard (file name, SHA-256 of the ciphertext, sizes). The broker and
+//! gives, its encrypted shard (file name, shard digest, sizes). The broker and
 //! the functions trust a shard only if its digest is the one in a manifest that verifies
 //! under the owner's key. [`SignedManifest::verify`] checks the signature over the exact
 //! body bytes before it parses them, then [`ModelManifest::validate`] checks:
@@ -153,7 +153,9 @@ pub struct StageEntry {
     pub outputs: Vec<TensorSpec>,
     /// The shard's file name in the shard store (a plain name, no directories).
     pub shard_file: String,
-    /// SHA-256 of the shard's ciphertext (hex in the file).
+    /// The shard digest (hex in the file): SHA-256 over the sealed shard's header and every
+    /// chunk's frame and GCM tag, which pins the whole shard for anyone without its key
+    /// (see `ShardStats::digest`).
     #[serde(with = "hex32")]
     pub shard_digest: [u8; 32],
     /// Ciphertext bytes.

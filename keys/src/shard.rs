@@ -30,17 +30,32 @@
 //! Keys are never reused: a fresh [`ShardKey`] for every shard and every version, and a
 //! fresh random nonce prefix for every sealing on top of that.
 //!
+//! # The shard digest
+//!
+//! ```text
+//! shard_digest = SHA-256(header ‖ frame 0 ‖ tag 0 ‖ frame 1 ‖ tag 1 ‖ …)
+//! ```
+//!
+//! The owner-signed manifest records this digest, and a function serves a shard only if the
+//! one its [`ChunkOpener`] computed matches. It covers every byte of the shard except the
+//! chunks' ciphertext bodies, and those are bound to their tags: a different body with the
+//! same tag is a GCM forgery, which takes the shard key. So for anyone without the key
+//! (the store, the network, the coordinator, another model's owner) the digest pins the
+//! whole shard as a SHA-256 of all its bytes would, at 32 bytes hashed per chunk instead of
+//! a megabyte: hashing the ciphertext ran at 1.1 to 2.1 GB/s here and was the slowest step
+//! of opening a shard. It does not bind a holder of the key (the model owner, who signs the
+//! manifest anyway, and attested functions of the stage).
+//!
 //! # Throughput
 //!
 //! `cargo run --release -p shardseal-keys --example shard_decrypt_bench` prints it for a
-//! 128 MiB shard. On the development machine (2 vCPUs of an AMD EPYC VM with AES-NI, VAES
-//! and SHA extensions, at a load average of about 7 from other builds), ring's
-//! `open_in_place` alone ran at 5.4 GB/s over 1 MiB chunks, SHA-256 of the ciphertext at
-//! 1.1 GB/s, but every way of opening into freshly allocated memory (per-chunk buffers, one
-//! contiguous buffer, or the former copy of each chunk into one buffer) at about 0.75 GB/s:
-//! the first touch of each fresh 4 KiB page (a page fault, costly in a VM) dominates, not
-//! the cipher or the copies. [`ShardPlaintextOpener`] and the per-chunk [`ShardOpener`]
-//! copy each ciphertext byte once and decrypt it in place.
+//! 128 MiB shard. What costs is memory, not the cipher: ring's `open_in_place` runs at
+//! 5 to 7 GB/s over 1 MiB chunks on the development machine (2 vCPUs of an AMD EPYC VM with
+//! AES-NI, VAES and SHA extensions), while the first write to each fresh 4 KiB page (a page
+//! fault, costly in a VM) caps copying into new memory near 2.6 GB/s. Hence the two halves:
+//! a [`ShardGatherer`] copies each chunk out of the network's buffers into the buffer it
+//! will be decrypted in (receiving, on the fetching thread), and a [`ChunkOpener`] opens it
+//! there, in place, on another.
 //!
 //! # Use
 //!
@@ -69,6 +84,7 @@
 
 use std::fmt;
 use std::io::{Read, Write};
+use std::sync::Arc;
 
 use ring::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
 use ring::digest;
@@ -257,6 +273,8 @@ pub struct ShardSealer {
     /// arrives, because until then it may be the last.
     pending: SecretBytes,
     next_index: u32,
+    /// The shard digest so far: header, then each sealed chunk's frame and tag.
+    digest: digest::Context,
 }
 
 impl fmt::Debug for ShardSealer {
@@ -281,13 +299,17 @@ impl ShardSealer {
             nonce_prefix,
             binding: binding.clone(),
         };
+        let header_bytes = header.encode();
+        let mut digest = digest::Context::new(&digest::SHA256);
+        digest.update(&header_bytes);
         Ok(Self {
             key: aes_256_gcm_key(key.expose_secret()),
-            header_bytes: header.encode(),
+            header_bytes,
             header,
             header_written: false,
             pending: SecretBytes::with_capacity(chunk_size),
             next_index: 0,
+            digest,
         })
     }
 
@@ -308,10 +330,14 @@ impl ShardSealer {
         Ok(())
     }
 
-    /// Seals the last chunk and appends it to `out`.
-    pub fn finish(mut self, out: &mut Vec<u8>) -> Result<(), Error> {
+    /// Seals the last chunk, appends it to `out` and returns the shard digest (what the
+    /// manifest records as `shard_digest`, see [`ShardStats::digest`]).
+    pub fn finish(mut self, out: &mut Vec<u8>) -> Result<[u8; 32], Error> {
         self.write_header(out);
-        self.seal_pending(true, out)
+        self.seal_pending(true, out)?;
+        let mut digest = [0u8; 32];
+        digest.copy_from_slice(self.digest.finish().as_ref());
+        Ok(digest)
     }
 
     fn write_header(&mut self, out: &mut Vec<u8>) {
@@ -331,9 +357,11 @@ impl ShardSealer {
         // Reserve first so that the plaintext copied below is never left behind in a freed
         // allocation: it is encrypted in place right after.
         out.reserve(FRAME_LEN + len + TAG_LEN);
+        let frame_start = out.len();
         out.extend_from_slice(&nonce);
         // len <= chunk_size <= MAX_CHUNK_SIZE.
         out.extend_from_slice(&(len as u32).to_be_bytes());
+        self.digest.update(&out[frame_start..]);
         let start = out.len();
         out.extend_from_slice(self.pending.expose_secret());
         let tag = self
@@ -346,13 +374,15 @@ impl ShardSealer {
             // ring refuses only inputs of tens of GiB; a chunk is at most 16 MiB.
             .map_err(|_| Error::ShardTooLarge)?;
         out.extend_from_slice(tag.as_ref());
+        self.digest.update(tag.as_ref());
         self.pending.truncate(0);
         self.next_index = index.wrapping_add(1);
         Ok(())
     }
 }
 
-/// A verified plaintext chunk from a [`ShardOpener`], in a buffer wiped on drop.
+/// A verified plaintext chunk from a [`ShardOpener`] or [`ChunkOpener`], in a buffer wiped
+/// on drop.
 #[derive(Debug)]
 pub struct PlaintextChunk {
     index: u32,
@@ -391,123 +421,150 @@ pub struct ShardStats {
     pub plaintext_len: u64,
     /// Ciphertext bytes, header included.
     pub ciphertext_len: u64,
+    /// The shard digest the manifest records: SHA-256 over the header and every chunk's
+    /// frame and GCM tag. The tags bind the ciphertext bodies it skips (a different body
+    /// with the same tag is a forgery, which takes the shard key), so for anyone without
+    /// the key it pins the whole shard at 32 bytes hashed per chunk.
+    pub digest: [u8; 32],
 }
 
-enum OpenerState {
+/// A shard header as it arrived, shared by every chunk gathered under it.
+#[derive(Debug, PartialEq, Eq)]
+struct ReceivedHeader {
+    header: ShardHeader,
+    /// The encoded header: every chunk's AAD, and the start of the shard digest.
+    bytes: Vec<u8>,
+}
+
+/// One chunk as it arrived, framing checked but not authenticated: what a
+/// [`ShardGatherer`] hands to a [`ChunkOpener`]. Its buffer holds the ciphertext and tag,
+/// then the plaintext once opened in place, so it is a secret buffer from the start.
+#[derive(Debug)]
+pub struct SealedChunk {
+    index: u32,
+    last: bool,
+    header: Arc<ReceivedHeader>,
+    /// Ciphertext ‖ tag.
+    body: SecretBytes,
+}
+
+impl SealedChunk {
+    /// The chunk's position in the shard, as its frame states it.
+    pub fn index(&self) -> u32 {
+        self.index
+    }
+
+    /// Whether the frame says this is the last chunk.
+    pub fn is_last(&self) -> bool {
+        self.last
+    }
+
+    /// Plaintext bytes the chunk holds once opened.
+    pub fn plaintext_len(&self) -> usize {
+        self.body.len().saturating_sub(TAG_LEN)
+    }
+}
+
+enum GatherState {
     /// Collecting the header into `frame`.
     Header,
     /// Collecting the next chunk's frame, then its body.
-    Chunks(ShardHeader, Vec<u8>),
-    /// The last chunk has been verified.
+    Chunks(Arc<ReceivedHeader>),
+    /// The last chunk has been gathered.
     Done,
     /// An error was returned; nothing more is accepted.
     Failed,
 }
 
-/// Decrypts one shard incrementally: feed ciphertext as it arrives, split anywhere, and get
-/// each chunk's verified plaintext as soon as the chunk is complete.
+/// The receiving half of a [`ShardOpener`]: takes the ciphertext as it arrives, split
+/// anywhere, checks the header's binding and each chunk's frame, and gathers each chunk
+/// into a buffer of its own. It holds no key and authenticates nothing; hand its chunks, in
+/// the order it returns them, to a [`ChunkOpener`], which does.
 ///
-/// Each returned chunk is authentic and in place, but the shard is known to be complete
-/// only when [`finish`](Self::finish) succeeds: do not act on the plaintext before (loading
-/// it is fine; serving with a truncated model is not). After any error the opener refuses
-/// further input ([`Error::ShardStreamFailed`]).
-pub struct ShardOpener {
-    key: LessSafeKey,
+/// The two halves let a function receive on one thread and decrypt on another: the copy
+/// out of the network's buffers (and the first touch of the memory the plaintext will
+/// occupy) happens here, and the opener decrypts in place at the cipher's speed.
+pub struct ShardGatherer {
     expected: ShardBinding,
-    state: OpenerState,
+    state: GatherState,
     /// The header or the current chunk's frame, as it arrives (ciphertext, not secret).
     frame: Vec<u8>,
     /// The current chunk's frame once complete: (last flag, plaintext length).
     chunk: Option<(bool, usize)>,
-    /// The current chunk's ciphertext and tag, decrypted in place (hence secret).
+    /// The current chunk's ciphertext and tag, as they arrive.
     body: SecretBytes,
-    /// With a contiguous sink: how many of its bytes are verified plaintext (the rest is
-    /// the current chunk's ciphertext, gathered in place).
-    verified_len: usize,
     next_index: u32,
-    plaintext_len: u64,
-    ciphertext_len: u64,
 }
 
-impl fmt::Debug for ShardOpener {
+impl fmt::Debug for ShardGatherer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ShardOpener")
+        f.debug_struct("ShardGatherer")
             .field("expected", &self.expected)
             .field("next_index", &self.next_index)
             .finish_non_exhaustive()
     }
 }
 
-impl ShardOpener {
-    /// Starts opening a shard that must be bound to `expected`.
-    pub fn new(key: &ShardKey, expected: ShardBinding) -> Self {
+impl ShardGatherer {
+    /// Starts receiving a shard that must be bound to `expected`.
+    pub fn new(expected: ShardBinding) -> Self {
         Self {
-            key: aes_256_gcm_key(key.expose_secret()),
             expected,
-            state: OpenerState::Header,
+            state: GatherState::Header,
             frame: Vec::with_capacity(FIXED_HEADER_LEN + MAX_MODEL_ID_LEN + 8),
             chunk: None,
             body: SecretBytes::default(),
-            verified_len: 0,
             next_index: 0,
-            plaintext_len: 0,
-            ciphertext_len: 0,
         }
     }
 
     /// The shard's header, once it has arrived and matched the expected binding.
     pub fn header(&self) -> Option<&ShardHeader> {
         match &self.state {
-            OpenerState::Chunks(header, _) => Some(header),
+            GatherState::Chunks(received) => Some(&received.header),
             _ => None,
         }
     }
 
-    /// Takes the next ciphertext bytes and returns every chunk they complete, verified.
-    pub fn update(&mut self, bytes: &[u8]) -> Result<Vec<PlaintextChunk>, Error> {
-        if matches!(self.state, OpenerState::Failed) {
-            return Err(Error::ShardStreamFailed);
-        }
-        let mut chunks = Vec::new();
-        match self.consume(bytes, Sink::Chunks(&mut chunks)) {
-            Ok(()) => Ok(chunks),
-            Err(e) => {
-                self.state = OpenerState::Failed;
-                Err(e)
-            }
-        }
-    }
-
-    /// Ends the stream: an error unless the last chunk arrived and verified.
-    pub fn finish(self) -> Result<ShardStats, Error> {
-        match self.state {
-            OpenerState::Done => Ok(ShardStats {
-                chunks: self.next_index,
-                plaintext_len: self.plaintext_len,
-                ciphertext_len: self.ciphertext_len,
-            }),
-            OpenerState::Failed => Err(Error::ShardStreamFailed),
-            OpenerState::Header | OpenerState::Chunks(..) => Err(Error::ShardTruncated),
-        }
-    }
-
-    fn consume(&mut self, mut bytes: &[u8], mut out: Sink<'_>) -> Result<(), Error> {
-        self.ciphertext_len = self.ciphertext_len.saturating_add(bytes.len() as u64);
+    /// Takes the next ciphertext bytes and appends every chunk they complete, in order, to
+    /// `chunks`. The chunks completed before a refused byte are appended too: open them
+    /// before reporting the error, since a forged frame (a last flag set early, say) shows
+    /// here as trailing bytes but to the opener as the forgery it is. After any error the
+    /// gatherer refuses further input ([`Error::ShardStreamFailed`]).
+    pub fn update(&mut self, mut bytes: &[u8], chunks: &mut Vec<SealedChunk>) -> Result<(), Error> {
         while !bytes.is_empty() {
-            match &self.state {
-                OpenerState::Header => bytes = self.take_header(bytes)?,
-                OpenerState::Chunks(..) => {
-                    if self.chunk.is_none() {
-                        bytes = self.take_frame(bytes)?;
-                    } else {
-                        bytes = self.take_body(bytes, &mut out)?;
-                    }
+            let step = match &self.state {
+                GatherState::Header => self.take_header(bytes),
+                GatherState::Chunks(_) if self.chunk.is_none() => self.take_frame(bytes),
+                GatherState::Chunks(_) => self.take_body(bytes, chunks),
+                GatherState::Done => Err(Error::ShardTrailingData),
+                GatherState::Failed => Err(Error::ShardStreamFailed),
+            };
+            match step {
+                Ok(rest) => bytes = rest,
+                Err(e) => {
+                    self.fail();
+                    return Err(e);
                 }
-                OpenerState::Done => return Err(Error::ShardTrailingData),
-                OpenerState::Failed => return Err(Error::ShardStreamFailed),
             }
         }
         Ok(())
+    }
+
+    /// Ends the stream: an error unless the last chunk arrived. (Only the [`ChunkOpener`]
+    /// knows whether it was authentic.)
+    pub fn finish(self) -> Result<(), Error> {
+        match self.state {
+            GatherState::Done => Ok(()),
+            GatherState::Failed => Err(Error::ShardStreamFailed),
+            GatherState::Header | GatherState::Chunks(_) => Err(Error::ShardTruncated),
+        }
+    }
+
+    /// Refuses all further input (the opener failed on one of this gatherer's chunks).
+    fn fail(&mut self) {
+        self.state = GatherState::Failed;
+        self.body = SecretBytes::default();
     }
 
     /// Moves up to `want - frame.len()` bytes into `frame`; returns the rest.
@@ -535,8 +592,8 @@ impl ShardOpener {
                 found: header.binding,
             });
         }
-        let header_bytes = std::mem::take(&mut self.frame);
-        self.state = OpenerState::Chunks(header, header_bytes);
+        let bytes = std::mem::take(&mut self.frame);
+        self.state = GatherState::Chunks(Arc::new(ReceivedHeader { header, bytes }));
         Ok(rest)
     }
 
@@ -545,9 +602,10 @@ impl ShardOpener {
         if self.frame.len() < FRAME_LEN {
             return Ok(rest);
         }
-        let OpenerState::Chunks(header, _) = &self.state else {
+        let GatherState::Chunks(received) = &self.state else {
             return Ok(rest);
         };
+        let header = &received.header;
         let chunk = self.next_index;
         let f = &self.frame;
         if f[..NONCE_PREFIX_LEN] != header.nonce_prefix {
@@ -583,149 +641,262 @@ impl ShardOpener {
                 reason: "a chunk before the last is not full",
             });
         }
+        if !last && chunk == u32::MAX {
+            return Err(Error::ShardTooLarge);
+        }
         self.frame.clear();
         self.chunk = Some((last, len));
+        self.body = SecretBytes::with_capacity(len + TAG_LEN);
         Ok(rest)
     }
 
-    fn take_body<'a>(&mut self, bytes: &'a [u8], out: &mut Sink<'_>) -> Result<&'a [u8], Error> {
-        let (OpenerState::Chunks(header, header_bytes), Some((last, len))) =
-            (&self.state, self.chunk)
-        else {
+    fn take_body<'a>(
+        &mut self,
+        bytes: &'a [u8],
+        chunks: &mut Vec<SealedChunk>,
+    ) -> Result<&'a [u8], Error> {
+        let (GatherState::Chunks(received), Some((last, len))) = (&self.state, self.chunk) else {
             return Ok(bytes);
         };
-        // Where the chunk's ciphertext is gathered and then decrypted in place: its own
-        // buffer for chunk-by-chunk output, or straight at the end of the caller's
-        // contiguous plaintext, so that a whole-shard open copies each byte once.
-        let (buffer, start) = match out {
-            Sink::Chunks(_) => {
-                if self.body.is_empty() {
-                    self.body = SecretBytes::with_capacity(len + TAG_LEN);
-                }
-                (&mut self.body, 0)
-            }
-            Sink::Contiguous(plaintext) => (&mut **plaintext, self.verified_len),
-        };
         let want = len + TAG_LEN;
-        let take = (want - (buffer.len() - start)).min(bytes.len());
+        let take = (want - self.body.len()).min(bytes.len());
         let (now, rest) = bytes.split_at(take);
-        buffer.extend_from_slice(now);
-        if buffer.len() - start < want {
+        self.body.extend_from_slice(now);
+        if self.body.len() < want {
             return Ok(rest);
         }
-        let index = self.next_index;
-        let nonce = chunk_nonce(&header.nonce_prefix, index, last);
-        let opened = self.key.open_in_place(
-            Nonce::assume_unique_for_key(nonce),
-            Aad::from(header_bytes),
-            &mut buffer.expose_secret_mut()[start..],
-        );
-        if opened.is_err() {
-            // ring leaves the buffer's contents unspecified on failure: wipe them rather
-            // than leave unauthenticated bytes where the caller might read them.
-            buffer.truncate(start);
-            return Err(Error::ShardChunkAuthFailed { chunk: index });
-        }
-        // Drops (and wipes) the tag's 16 bytes.
-        buffer.truncate(start + len);
-        self.plaintext_len += len as u64;
+        chunks.push(SealedChunk {
+            index: self.next_index,
+            last,
+            header: Arc::clone(received),
+            body: std::mem::take(&mut self.body),
+        });
         self.chunk = None;
         if last {
-            self.state = OpenerState::Done;
-            self.next_index = index.saturating_add(1);
+            self.state = GatherState::Done;
         } else {
-            self.next_index = index.checked_add(1).ok_or(Error::ShardTooLarge)?;
-        }
-        match out {
-            Sink::Chunks(chunks) => chunks.push(PlaintextChunk {
-                index,
-                last,
-                bytes: std::mem::take(&mut self.body),
-            }),
-            Sink::Contiguous(plaintext) => self.verified_len = plaintext.len(),
+            // Checked in take_frame: a chunk before the last is never number u32::MAX.
+            self.next_index += 1;
         }
         Ok(rest)
     }
 }
 
-/// Where a [`ShardOpener`] puts what it decrypts.
-enum Sink<'a> {
-    /// One buffer per chunk, handed to the caller.
-    Chunks(&'a mut Vec<PlaintextChunk>),
-    /// Appended to one buffer holding the whole shard ([`ShardPlaintextOpener`]).
-    Contiguous(&'a mut SecretBytes),
+/// The key-holding half of a [`ShardOpener`]: authenticates and decrypts, in place, the
+/// chunks a [`ShardGatherer`] gathered, in order, and computes the shard digest as it goes.
+///
+/// It trusts nothing the gatherer parsed: it rebuilds each nonce from its own counter and
+/// the chunk's last flag (a wrong flag or position fails authentication), checks the
+/// binding itself, and refuses a chunk gathered under another header.
+pub struct ChunkOpener {
+    key: LessSafeKey,
+    expected: ShardBinding,
+    header: Option<Arc<ReceivedHeader>>,
+    digest: digest::Context,
+    next_index: u32,
+    done: bool,
+    failed: bool,
+    plaintext_len: u64,
+    ciphertext_len: u64,
 }
 
-/// Opens a whole shard into one contiguous secret buffer, as the ciphertext arrives.
-///
-/// Each chunk's ciphertext is copied once, to the end of the plaintext buffer, and
-/// decrypted there in place: no per-chunk allocation, no second copy, no per-chunk wipe.
-/// The authentication is the same as [`ShardOpener`]'s (it is one inside): every chunk is
-/// verified before the next is accepted, and [`finish`](Self::finish) returns the plaintext
-/// only if the last chunk arrived and verified.
-///
-/// Sized from the manifest's `plaintext_size`, the buffer never grows; a wrong hint only
-/// costs a reallocation (the old allocation is wiped).
-pub struct ShardPlaintextOpener {
-    opener: ShardOpener,
-    plaintext: SecretBytes,
-}
-
-impl fmt::Debug for ShardPlaintextOpener {
+impl fmt::Debug for ChunkOpener {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ShardPlaintextOpener")
-            .field("opener", &self.opener)
-            .field("verified_len", &self.opener.verified_len)
+        f.debug_struct("ChunkOpener")
+            .field("expected", &self.expected)
+            .field("next_index", &self.next_index)
             .finish_non_exhaustive()
     }
 }
 
-impl ShardPlaintextOpener {
-    /// Starts opening a shard bound to `expected`, reserving room for `size_hint` plaintext
-    /// bytes (capped at 1 GiB: the hint is reserved before any byte is authenticated).
-    pub fn new(key: &ShardKey, expected: ShardBinding, size_hint: usize) -> Self {
+impl ChunkOpener {
+    /// Starts opening the chunks of a shard that must be bound to `expected`.
+    pub fn new(key: &ShardKey, expected: ShardBinding) -> Self {
         Self {
-            opener: ShardOpener::new(key, expected),
-            // The last chunk's tag is gathered after its plaintext before it is cut off.
-            plaintext: SecretBytes::with_capacity(size_hint.min(1 << 30).saturating_add(TAG_LEN)),
+            key: aes_256_gcm_key(key.expose_secret()),
+            expected,
+            header: None,
+            digest: digest::Context::new(&digest::SHA256),
+            next_index: 0,
+            done: false,
+            failed: false,
+            plaintext_len: 0,
+            ciphertext_len: 0,
         }
     }
 
-    /// Takes the next ciphertext bytes (split anywhere), decrypting every chunk they
-    /// complete. After an error the opener refuses further input.
-    pub fn update(&mut self, bytes: &[u8]) -> Result<(), Error> {
-        let opener = &mut self.opener;
-        if matches!(opener.state, OpenerState::Failed) {
+    /// Authenticates the next chunk and decrypts it in its own buffer. After any error the
+    /// opener refuses every further chunk ([`Error::ShardStreamFailed`]).
+    pub fn open(&mut self, chunk: SealedChunk) -> Result<PlaintextChunk, Error> {
+        if self.failed {
             return Err(Error::ShardStreamFailed);
         }
-        match opener.consume(bytes, Sink::Contiguous(&mut self.plaintext)) {
-            Ok(()) => Ok(()),
-            Err(e) => {
-                opener.state = OpenerState::Failed;
-                // Nothing of a failed shard is handed out; wipe what was opened so far.
-                self.plaintext.truncate(0);
-                Err(e)
+        let opened = self.open_next(chunk);
+        self.failed = opened.is_err();
+        opened
+    }
+
+    fn open_next(&mut self, chunk: SealedChunk) -> Result<PlaintextChunk, Error> {
+        if self.done {
+            return Err(Error::ShardTrailingData);
+        }
+        let index = self.next_index;
+        let header = match &self.header {
+            Some(header) => {
+                if !Arc::ptr_eq(header, &chunk.header) && **header != *chunk.header {
+                    return Err(Error::ShardChunkFromOtherShard { chunk: index });
+                }
+                Arc::clone(header)
             }
+            None => {
+                if chunk.header.header.binding != self.expected {
+                    return Err(Error::ShardBindingMismatch {
+                        expected: self.expected.clone(),
+                        found: chunk.header.header.binding.clone(),
+                    });
+                }
+                self.digest.update(&chunk.header.bytes);
+                self.ciphertext_len = chunk.header.bytes.len() as u64;
+                self.header = Some(Arc::clone(&chunk.header));
+                Arc::clone(&chunk.header)
+            }
+        };
+        if chunk.index != index {
+            return Err(Error::ShardChunkOutOfOrder {
+                expected: index,
+                found: chunk.index,
+            });
+        }
+        let SealedChunk { last, mut body, .. } = chunk;
+        let Some(len) = body.len().checked_sub(TAG_LEN) else {
+            return Err(Error::ShardChunkMalformed {
+                chunk: index,
+                reason: "shorter than its tag",
+            });
+        };
+        if len > header.header.chunk_size || (!last && len != header.header.chunk_size) {
+            return Err(Error::ShardChunkMalformed {
+                chunk: index,
+                reason: "its length does not fit the chunk size",
+            });
+        }
+        let nonce = chunk_nonce(&header.header.nonce_prefix, index, last);
+        // The frame as the sealer wrote it (the gatherer checked the received one equals
+        // it), then the tag: the digest covers everything but the ciphertext bodies, which
+        // the tags authenticate under the shard key.
+        self.digest.update(&nonce);
+        // len <= chunk_size <= MAX_CHUNK_SIZE.
+        self.digest.update(&(len as u32).to_be_bytes());
+        self.digest.update(&body.expose_secret()[len..]);
+        if self
+            .key
+            .open_in_place(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(&header.bytes),
+                body.expose_secret_mut(),
+            )
+            .is_err()
+        {
+            // ring leaves the buffer's contents unspecified on failure; `body` is wiped
+            // when it drops here.
+            return Err(Error::ShardChunkAuthFailed { chunk: index });
+        }
+        // Drops (and wipes) the tag's 16 bytes.
+        body.truncate(len);
+        self.plaintext_len += len as u64;
+        self.ciphertext_len += (FRAME_LEN + len + TAG_LEN) as u64;
+        if last {
+            self.done = true;
+            self.next_index = index.saturating_add(1);
+        } else {
+            self.next_index = index.checked_add(1).ok_or(Error::ShardTooLarge)?;
+        }
+        Ok(PlaintextChunk {
+            index,
+            last,
+            bytes: body,
+        })
+    }
+
+    /// Ends the shard: its figures and digest if the last chunk arrived and verified.
+    /// Compare the digest with the manifest's before trusting the shard as a whole.
+    pub fn finish(self) -> Result<ShardStats, Error> {
+        if self.failed {
+            return Err(Error::ShardStreamFailed);
+        }
+        if !self.done {
+            return Err(Error::ShardTruncated);
+        }
+        let mut digest = [0u8; 32];
+        digest.copy_from_slice(self.digest.finish().as_ref());
+        Ok(ShardStats {
+            chunks: self.next_index,
+            plaintext_len: self.plaintext_len,
+            ciphertext_len: self.ciphertext_len,
+            digest,
+        })
+    }
+}
+
+/// Decrypts one shard incrementally: feed ciphertext as it arrives, split anywhere, and get
+/// each chunk's verified plaintext as soon as the chunk is complete. It is a
+/// [`ShardGatherer`] and a [`ChunkOpener`] in one; use the two halves to receive and
+/// decrypt on different threads.
+///
+/// Each returned chunk is authentic and in place, but the shard is known to be complete
+/// only when [`finish`](Self::finish) succeeds: do not act on the plaintext before (loading
+/// it is fine; serving with a truncated model is not). After any error the opener refuses
+/// further input ([`Error::ShardStreamFailed`]).
+#[derive(Debug)]
+pub struct ShardOpener {
+    gatherer: ShardGatherer,
+    opener: ChunkOpener,
+}
+
+impl ShardOpener {
+    /// Starts opening a shard that must be bound to `expected`.
+    pub fn new(key: &ShardKey, expected: ShardBinding) -> Self {
+        Self {
+            gatherer: ShardGatherer::new(expected.clone()),
+            opener: ChunkOpener::new(key, expected),
         }
     }
 
-    /// Plaintext bytes verified so far.
-    pub fn verified_len(&self) -> u64 {
-        self.opener.plaintext_len
+    /// The shard's header, once it has arrived and matched the expected binding.
+    pub fn header(&self) -> Option<&ShardHeader> {
+        self.gatherer.header()
     }
 
-    /// Ends the stream: the whole plaintext if the last chunk arrived and verified.
-    pub fn finish(mut self) -> Result<(SecretBytes, ShardStats), Error> {
-        let plaintext = std::mem::take(&mut self.plaintext);
-        let stats = self.opener.finish()?;
-        Ok((plaintext, stats))
+    /// Takes the next ciphertext bytes and returns every chunk they complete, verified.
+    pub fn update(&mut self, bytes: &[u8]) -> Result<Vec<PlaintextChunk>, Error> {
+        let mut sealed = Vec::new();
+        let gathered = self.gatherer.update(bytes, &mut sealed);
+        let mut opened = Vec::with_capacity(sealed.len());
+        for chunk in sealed {
+            match self.opener.open(chunk) {
+                Ok(chunk) => opened.push(chunk),
+                Err(e) => {
+                    self.gatherer.fail();
+                    return Err(e);
+                }
+            }
+        }
+        gathered?;
+        Ok(opened)
+    }
+
+    /// Ends the stream: the shard's figures and digest, or an error unless the last chunk
+    /// arrived and verified.
+    pub fn finish(self) -> Result<ShardStats, Error> {
+        self.gatherer.finish()?;
+        self.opener.finish()
     }
 }
 
 /// What [`seal_shard`] wrote: the figures a model manifest records for the shard.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SealedShardInfo {
-    /// SHA-256 of the ciphertext (header included), as the manifest's `shard_digest`.
+    /// The shard digest ([`ShardStats::digest`]), as the manifest's `shard_digest`.
     pub digest: [u8; 32],
     /// Ciphertext bytes written.
     pub ciphertext_len: u64,
@@ -743,7 +914,6 @@ pub fn seal_shard(
     mut ciphertext: impl Write,
 ) -> Result<SealedShardInfo, Error> {
     let mut sealer = ShardSealer::new(key, binding, chunk_size)?;
-    let mut digest = digest::Context::new(&digest::SHA256);
     let mut input = SecretBytes::new(vec![0u8; chunk_size]);
     let mut output = Vec::with_capacity(chunk_size + 2 * (FRAME_LEN + TAG_LEN) + 256);
     let mut info = SealedShardInfo {
@@ -760,23 +930,20 @@ pub fn seal_shard(
         };
         info.plaintext_len += n as u64;
         sealer.update(&input.expose_secret()[..n], &mut output)?;
-        write_counted(&mut ciphertext, &mut digest, &mut output, &mut info)?;
+        write_counted(&mut ciphertext, &mut output, &mut info)?;
     }
-    sealer.finish(&mut output)?;
-    write_counted(&mut ciphertext, &mut digest, &mut output, &mut info)?;
+    info.digest = sealer.finish(&mut output)?;
+    write_counted(&mut ciphertext, &mut output, &mut info)?;
     ciphertext.flush()?;
-    info.digest.copy_from_slice(digest.finish().as_ref());
     Ok(info)
 }
 
 fn write_counted(
     sink: &mut impl Write,
-    digest: &mut digest::Context,
     bytes: &mut Vec<u8>,
     info: &mut SealedShardInfo,
 ) -> Result<(), Error> {
     sink.write_all(bytes)?;
-    digest.update(bytes);
     info.ciphertext_len += bytes.len() as u64;
     bytes.clear();
     Ok(())
@@ -790,7 +957,9 @@ pub fn open_shard(
     mut ciphertext: impl Read,
     size_hint: usize,
 ) -> Result<SecretBytes, Error> {
-    let mut opener = ShardPlaintextOpener::new(key, expected, size_hint);
+    let mut opener = ShardOpener::new(key, expected);
+    // The hint is reserved before any byte is authenticated: cap it at 1 GiB.
+    let mut plaintext = SecretBytes::with_capacity(size_hint.min(1 << 30));
     let mut buf = vec![0u8; 1 << 20];
     loop {
         let n = match ciphertext.read(&mut buf) {
@@ -799,9 +968,11 @@ pub fn open_shard(
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e.into()),
         };
-        opener.update(&buf[..n])?;
+        for chunk in opener.update(&buf[..n])? {
+            plaintext.extend_from_slice(chunk.expose_secret());
+        }
     }
-    let (plaintext, _) = opener.finish()?;
+    opener.finish()?;
     Ok(plaintext)
 }
 
