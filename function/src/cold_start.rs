@@ -124,8 +124,6 @@ pub async fn cold_start(config: &ColdStartConfig) -> Result<AttestedStage, Error
     let started = Instant::now();
     let since_spawn_at_entry = process_age();
     harden_process()?;
-    // Keep large blocks out of malloc's heap while the shard loads (see `memory`).
-    crate::memory::map_large_blocks_while_loading();
 
     let pki = Pki::open(&config.pki_dir).map_err(|e| Error::Config(e.to_string()))?;
     let tls = pki

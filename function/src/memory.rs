@@ -2,37 +2,42 @@
 //!
 //! Loading holds several forms of the weights in turn (decrypted chunks, the decoded
 //! protobuf, tract's tensors, the optimised model's packed weights). Each form is freed as
-//! soon as the next exists (see `StageEngine::load_shard`), but glibc's malloc keeps freed
-//! blocks in its heap for reuse unless they were mapped on their own, so freeing would not
-//! lower the resident size. While loading, blocks of 256 KiB or more are therefore mapped
-//! on their own and unmapped when freed; once loaded, the threshold goes back up (so
-//! inference reuses heap blocks instead of mapping each activation) and the free heap
-//! memory is returned to the system.
+//! soon as the next exists (see `StageEngine::load_shard`); once loaded, the free heap
+//! memory of every arena goes back to the system ([`release_free_memory`]).
 //!
-//! Measured on a ResNet-50 stage (a 90.6 MB shard) in `shardseal demo`: peak RSS at ready
-//! 139 MB with this, 205 to 227 MB without it, and no load-time difference visible above
-//! the noise of a shared machine.
+//! Serving holds one set of activations per inference in flight. A function runs at most
+//! as many inferences at once as it has cores (`StageService`), and glibc's malloc gets one
+//! arena more than that ([`limit_malloc_arenas`], set before the first thread starts): by
+//! default it creates up to eight per core, one per thread that allocates while the others
+//! hold theirs, and each keeps the activations' freed blocks for reuse.
+//!
+//! An earlier version mapped every block of 256 KiB or more on its own while loading, so
+//! that freeing returned it at once. On ResNet-50 (`shardseal bench`, same machine, same
+//! hour) it doubled tract's load and optimisation in the function (152 + 401 ms against
+//! 94 + 208 ms; a plain load in the bench process took 60 + 202 ms) for no lower peak: each
+//! mapped block was faulted in page by page, wiped on free, and unmapped.
 //!
 //! Every freed block is still wiped first, by [`crate::WipeOnFree`] in the function
-//! binaries: unmapping returns wiped pages.
+//! binaries.
 
-/// Blocks at least this large get their own mapping while the shard loads.
-const LOADING_MMAP_THRESHOLD: libc::c_int = 256 << 10;
-/// glibc's own upper bound for its dynamic threshold on 64-bit systems (32 MiB).
+/// glibc's own upper bound for its dynamic mapping threshold on 64-bit systems (32 MiB):
+/// activations up to this size are reused from the heap instead of mapped per request.
 const SERVING_MMAP_THRESHOLD: libc::c_int = 32 << 20;
 
-/// Maps large blocks on their own, so freeing them returns memory at once.
-pub(crate) fn map_large_blocks_while_loading() {
+/// Caps malloc's arenas at `arenas` (at least 1), so that freed activation blocks are
+/// shared by the threads that run inferences instead of kept per thread.
+pub(crate) fn limit_malloc_arenas(arenas: usize) {
+    let arenas = libc::c_int::try_from(arenas.max(1)).unwrap_or(libc::c_int::MAX);
     // SAFETY: mallopt only changes a malloc tuning parameter; it takes no pointer and is
     // safe to call at any time from any thread.
     #[allow(unsafe_code)]
     unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, LOADING_MMAP_THRESHOLD);
+        libc::mallopt(libc::M_ARENA_MAX, arenas);
     }
 }
 
-/// Raises the mapping threshold back for serving and returns free heap memory (every
-/// arena) to the system.
+/// Fixes the mapping threshold for serving and returns free heap memory (every arena) to
+/// the system.
 pub(crate) fn release_free_memory() {
     // SAFETY: as above for mallopt; malloc_trim only releases memory malloc holds free
     // (no live block is touched) and takes no pointer.

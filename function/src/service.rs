@@ -25,10 +25,19 @@ use crate::cold_start::AttestedStage;
 /// The largest sealed activation a function accepts (256 MiB).
 pub const MAX_MESSAGE_BYTES: usize = 256 << 20;
 
+/// How many inferences a function runs at once: one per core it may use. More would not
+/// finish sooner (tract runs each on one thread, and the cores are busy), but each would
+/// hold its own activations; requests beyond wait, still sealed, for a slot.
+pub(crate) fn inference_slots() -> usize {
+    std::thread::available_parallelism().map_or(1, usize::from)
+}
+
 /// Serves one attested stage.
 #[derive(Debug, Clone)]
 pub struct StageService {
     stage: Arc<AttestedStage>,
+    /// One permit per inference that may run at once ([`inference_slots`]).
+    inference: Arc<tokio::sync::Semaphore>,
 }
 
 impl StageService {
@@ -36,6 +45,7 @@ impl StageService {
     pub fn new(stage: AttestedStage) -> Self {
         Self {
             stage: Arc::new(stage),
+            inference: Arc::new(tokio::sync::Semaphore::new(inference_slots())),
         }
     }
 
@@ -222,10 +232,19 @@ impl StageService {
                 Sealed::try_from(s).map_err(|_| Status::invalid_argument("malformed activations"))
             })?;
         let stage = self.stage.clone();
-        let result =
-            tokio::task::spawn_blocking(move || Self::process_sealed(&stage, &header, sealed))
-                .await
-                .map_err(|_| Status::internal("the stage's worker failed"))?;
+        // Never closed, so acquiring fails only if the semaphore were; held until the
+        // inference ends, even if the caller goes away meanwhile.
+        let slot = Arc::clone(&self.inference)
+            .acquire_owned()
+            .await
+            .map_err(|_| Status::internal("the stage's worker failed"))?;
+        let result = tokio::task::spawn_blocking(move || {
+            let processed = Self::process_sealed(&stage, &header, sealed);
+            drop(slot);
+            processed
+        })
+        .await
+        .map_err(|_| Status::internal("the stage's worker failed"))?;
         match result {
             Ok((sealed, timing)) => {
                 tracing::info!(
