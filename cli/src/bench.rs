@@ -40,7 +40,8 @@ use crate::provision::{ProvisionRequest, provision};
 use crate::stack::{Layout, Stack};
 
 use observe::{ReplicaReady, cpu_seconds, function_cold_start, own_cpu_seconds, peak_rss_bytes};
-use plain_tract::{BatchProbe, LoadPhases, batch_probe, load_phases};
+use plain_tract::{BatchProbe, LoadPhases, batch_probe, fresh_process_load_ms, load_phases};
+pub(crate) use plain_tract::{PlainLoadArgs, plain_load_command};
 
 const MIB: f64 = (1u64 << 20) as f64;
 
@@ -116,6 +117,9 @@ struct RunReport {
     /// The largest ratio, over stages, of spawn-to-ready to this process's plain tract
     /// load (parse and optimise) of the same shard.
     cold_start_ratio: f64,
+    /// The largest ratio, over stages, of spawn-to-ready to a plain load of the same shard
+    /// in a fresh process, spawn to loaded.
+    cold_start_fresh_ratio: f64,
     /// Tract load and optimisation of the whole model, in this process.
     plain_load_ms: f64,
     /// `plain_load_ms` in its two phases.
@@ -183,6 +187,11 @@ struct StageColdStart {
     plain_load_ms: f64,
     /// `spawn_to_ready_ms / plain_load_ms`.
     ratio: f64,
+    /// A plain load of the same shard in a fresh process (`shardseal plain-load`), spawn
+    /// to loaded, file read included: it first-touches every page, as a function must.
+    plain_fresh_process_ms: f64,
+    /// `spawn_to_ready_ms / plain_fresh_process_ms`.
+    fresh_ratio: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -219,6 +228,8 @@ struct Variant {
     stages: usize,
     plan: Plan,
     shard_load: Vec<LoadPhases>,
+    /// Each shard's plain load in a fresh process, spawn to loaded (ms).
+    shard_fresh_load_ms: Vec<f64>,
     shard_bytes: Vec<u64>,
     decrypt: DecryptSpeed,
 }
@@ -410,6 +421,7 @@ fn provision_variant(
     })?;
     let plan = provisioned.plan;
     let mut shard_load = Vec::new();
+    let mut shard_fresh_load_ms = Vec::new();
     let mut shard_bytes = Vec::new();
     let mut largest = Vec::new();
     for i in 0..plan.stages().len() {
@@ -418,6 +430,11 @@ fn provision_variant(
             .context("the plan lost a stage")?;
         shard_load
             .push(load_phases(&shard).with_context(|| format!("loading shard {i} in tract"))?);
+        let scratch = variant_dir(layout, &id).join(format!("plain-stage-{i}.onnx"));
+        shard_fresh_load_ms.push(
+            fresh_process_load_ms(&shard, &scratch)
+                .with_context(|| format!("loading shard {i} in a fresh process"))?,
+        );
         shard_bytes.push(shard.len() as u64);
         if shard.len() > largest.len() {
             largest = shard;
@@ -429,6 +446,7 @@ fn provision_variant(
         stages: plan.stages().len(),
         plan,
         shard_load,
+        shard_fresh_load_ms,
         shard_bytes,
         decrypt,
     })
@@ -636,6 +654,10 @@ async fn measure(
             .shard_load
             .get(i)
             .context("a stage without a plain load")?;
+        let fresh = *v
+            .shard_fresh_load_ms
+            .get(i)
+            .context("a stage without a fresh-process plain load")?;
         stage_cold_start.push(StageColdStart {
             stage: r.stage,
             spawn_to_ready_ms: r.spawn_to_ready_ms,
@@ -654,6 +676,8 @@ async fn measure(
             plain_optimize_ms: plain.optimize_ms,
             plain_load_ms: plain.total_ms(),
             ratio: r.spawn_to_ready_ms / plain.total_ms(),
+            plain_fresh_process_ms: fresh,
+            fresh_ratio: r.spawn_to_ready_ms / fresh,
         });
     }
     let cold_start_ms = stage_cold_start
@@ -661,6 +685,10 @@ async fn measure(
         .map(|s| s.spawn_to_ready_ms)
         .fold(0.0, f64::max);
     let cold_start_ratio = stage_cold_start.iter().map(|s| s.ratio).fold(0.0, f64::max);
+    let cold_start_fresh_ratio = stage_cold_start
+        .iter()
+        .map(|s| s.fresh_ratio)
+        .fold(0.0, f64::max);
 
     let stages = v.plan.stages();
     let cut_bytes_per_request = stages
@@ -693,6 +721,7 @@ async fn measure(
         throughput_ratio: sealed_rps / plain_rps,
         cold_start_ms,
         cold_start_ratio,
+        cold_start_fresh_ratio,
         plain_load_ms: plain_load.total_ms(),
         plain_load_phases: plain_load,
         stage_cold_start,
@@ -870,10 +899,11 @@ fn print_run(r: &RunReport) {
         r.throughput_ratio
     );
     println!(
-        "cold start slowest {:.1} ms (max ratio to a plain load of the same shard {:.3}); \
-         whole-model plain load {:.1} ms (parse {:.1}, optimise {:.1})",
+        "cold start slowest {:.1} ms (max ratio to a plain load of the same shard {:.3} in this \
+         process, {:.3} in a fresh one); whole-model plain load {:.1} ms (parse {:.1}, optimise {:.1})",
         r.cold_start_ms,
         r.cold_start_ratio,
+        r.cold_start_fresh_ratio,
         r.plain_load_ms,
         r.plain_load_phases.parse_ms,
         r.plain_load_phases.optimize_ms
@@ -887,7 +917,7 @@ fn print_run(r: &RunReport) {
         opt(finite(r.function_fetch_decrypt_gbps), 2)
     );
     println!(
-        "{:>5} | {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} | {:>8} {:>8} {:>8} {:>6} | {:>8} {:>8} | {:>7} {:>7} {:>7}",
+        "{:>5} | {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} | {:>8} {:>8} {:>8} {:>6} | {:>8} {:>6} | {:>8} {:>8} | {:>7} {:>7} {:>7}",
         "stage",
         "ready",
         "process",
@@ -899,6 +929,8 @@ fn print_run(r: &RunReport) {
         "plain pa",
         "plain op",
         "plain",
+        "ratio",
+        "fresh",
         "ratio",
         "shard MB",
         "peak RSS",
@@ -913,7 +945,7 @@ fn print_run(r: &RunReport) {
             .fetch_ms
             .or(c.fetch_decrypt_ms.filter(|_| c.decrypt_ms.is_none()));
         println!(
-            "{:>5} | {:>8.1} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} | {:>8.1} {:>8.1} {:>8.1} {:>6.2} | {:>8.1} {:>8.1} | {:>7.2} {:>7.2} {:>7.2}",
+            "{:>5} | {:>8.1} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} | {:>8.1} {:>8.1} {:>8.1} {:>6.2} | {:>8.1} {:>6.2} | {:>8.1} {:>8.1} | {:>7.2} {:>7.2} {:>7.2}",
             c.stage,
             c.spawn_to_ready_ms,
             opt(c.process_start_ms, 1),
@@ -926,6 +958,8 @@ fn print_run(r: &RunReport) {
             c.plain_optimize_ms,
             c.plain_load_ms,
             c.ratio,
+            c.plain_fresh_process_ms,
+            c.fresh_ratio,
             r.stage_shard_mb.get(i).copied().unwrap_or(f64::NAN),
             r.stage_peak_rss_mb.get(i).copied().unwrap_or(f64::NAN),
             t.map_or(f64::NAN, |t| t.open_ms),

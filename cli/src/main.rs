@@ -63,6 +63,10 @@ enum Command {
     Config(config::ConfigCommand),
     /// Measure the sealed pipeline against plain tract, side by side in one run.
     Bench(bench::BenchArgs),
+    /// Load an ONNX model in plain tract and report the phases (`shardseal bench` runs it
+    /// for a fresh-process comparison).
+    #[command(hide = true)]
+    PlainLoad(bench::PlainLoadArgs),
 }
 
 // `shardseal function` runs stage functions from this executable, so it wipes freed memory
@@ -108,6 +112,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Proxy(args) => proxy::run(args),
         Command::Config(command) => config::run(command),
         Command::Bench(args) => bench::run(args),
+        Command::PlainLoad(args) => bench::plain_load_command(args),
     }
 }
 

@@ -144,7 +144,16 @@ fn bench_json_reports_every_field_for_each_stage_count() {
             let plain = number(stage, "plain_load_ms");
             assert!(plain > 0.0);
             assert!((number(stage, "ratio") - ready / plain).abs() < 1e-9 * (ready / plain));
+            // The plain load of the same shard in a fresh process, timed by the bench.
+            let fresh = number(stage, "plain_fresh_process_ms");
+            assert!(fresh > 0.0);
+            assert!((number(stage, "fresh_ratio") - ready / fresh).abs() < 1e-9 * (ready / fresh));
         }
+        let fresh_ratio = cold
+            .iter()
+            .map(|s| number(s, "fresh_ratio"))
+            .fold(0.0, f64::max);
+        assert_eq!(number(report, "cold_start_fresh_ratio"), fresh_ratio);
         assert_eq!(
             number(report, "cold_start_ms"),
             cold.iter()

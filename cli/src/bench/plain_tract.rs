@@ -54,6 +54,73 @@ pub(super) fn load_phases(onnx: &[u8]) -> anyhow::Result<LoadPhases> {
     })
 }
 
+/// Arguments of `shardseal plain-load`, the bench's fresh-process plain load.
+#[derive(Debug, clap::Args)]
+#[command(after_help = "Example (run by `shardseal bench`, not by hand):\n  \
+    shardseal plain-load /tmp/stage-0.onnx")]
+pub(crate) struct PlainLoadArgs {
+    /// The plaintext ONNX model to load.
+    pub model: std::path::PathBuf,
+}
+
+/// `shardseal plain-load`: reads an ONNX file and loads it in plain tract, then prints one
+/// JSON line with the phases. `shardseal bench` times it from spawn to that line: a plain
+/// load in a process as fresh as a function's, with every page first-touched as there.
+pub(crate) fn plain_load_command(args: PlainLoadArgs) -> anyhow::Result<()> {
+    let t = Instant::now();
+    let onnx =
+        std::fs::read(&args.model).with_context(|| format!("reading {}", args.model.display()))?;
+    let read_ms = ms_since(t);
+    let phases = load_phases(&onnx)?;
+    println!(
+        "{}",
+        serde_json::json!({
+            "read_ms": read_ms,
+            "parse_ms": phases.parse_ms,
+            "optimize_ms": phases.optimize_ms,
+        })
+    );
+    Ok(())
+}
+
+/// Spawns `shardseal plain-load` on `onnx` (written to `scratch`, removed after) and
+/// returns the milliseconds from spawn to its report: the plain counterpart of a
+/// function's spawn to ready.
+pub(super) fn fresh_process_load_ms(onnx: &[u8], scratch: &std::path::Path) -> anyhow::Result<f64> {
+    use std::io::{BufRead, Write};
+    use std::os::unix::fs::OpenOptionsExt;
+    {
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(scratch)
+            .with_context(|| format!("writing {}", scratch.display()))?;
+        file.write_all(onnx)?;
+    }
+    let result = (|| {
+        let started = Instant::now();
+        let mut child = std::process::Command::new(std::env::current_exe()?)
+            .arg("plain-load")
+            .arg(scratch)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .context("starting `shardseal plain-load`")?;
+        let mut line = String::new();
+        if let Some(stdout) = child.stdout.take() {
+            std::io::BufReader::new(stdout).read_line(&mut line)?;
+        }
+        let loaded_ms = ms_since(started);
+        let status = child.wait()?;
+        if !status.success() || line.trim().is_empty() {
+            bail!("`shardseal plain-load` failed ({status})");
+        }
+        Ok(loaded_ms)
+    })();
+    let _ = std::fs::remove_file(scratch);
+    result
+}
+
 /// Plain tract on the whole model at batch 1 and at batch `batch`, one run at a time on one
 /// thread: what batching the requests that wait at a stage could gain.
 #[derive(Debug, Clone, Serialize)]
