@@ -42,22 +42,25 @@ def main():
               f"| {fmt(r['sealed_rps'], 2)} @{r['concurrency']} "
               f"| {fmt(r['throughput_ratio'], 3)} | {r['max_abs_diff']:.1e} |")
     print()
-    print("| model | stages | slowest ready ms | cold/plain (worst stage) | whole-model plain load ms "
+    print("| model | stages | slowest ready ms | cold/plain (worst stage) "
+          "| cold/plain in a fresh process (worst stage) | whole-model plain load ms "
           "| decrypt GB/s in memory (in place / received and decrypted) "
           "| decrypt GB/s in functions | fetch+decrypt GB/s in functions |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in runs:
         parts = r.get("decrypt_parts_gbps") or {}
         print(f"| {r['model']} | {r['stages']} | {fmt(r['cold_start_ms'])} "
-              f"| {fmt(r['cold_start_ratio'], 2)} | {fmt(r['plain_load_ms'])} "
+              f"| {fmt(r['cold_start_ratio'], 2)} | {fmt(r.get('cold_start_fresh_ratio'), 2)} "
+              f"| {fmt(r['plain_load_ms'])} "
               f"| {fmt(r['decrypt_gbps'], 2)} / {fmt(parts.get('gather_and_open'), 2)} "
               f"| {fmt(r.get('function_decrypt_gbps'), 2)} "
               f"| {fmt(r['function_fetch_decrypt_gbps'], 2)} |")
     print()
     print("| model | stage | ready | process | connect | attest | fetch | decrypt | fetch+decrypt | load "
-          "| optimise | plain parse | plain optimise | plain load | ready / plain | shard MiB "
+          "| optimise | plain parse | plain optimise | plain load | ready / plain "
+          "| plain load, fresh process | ready / fresh | shard MiB "
           "| peak RSS MiB | RSS limit 1.5 x shard + 64 |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in runs:
         for c in r["stage_cold_start"]:
             i = c["stage"]
@@ -69,7 +72,8 @@ def main():
                   f"| {fmt(c['fetch_decrypt_ms'])} | {fmt(c['load_ms'])} "
                   f"| {fmt(c['optimize_ms'])} | {fmt(c['plain_parse_ms'])} "
                   f"| {fmt(c['plain_optimize_ms'])} | {fmt(c['plain_load_ms'])} "
-                  f"| {fmt(c['ratio'], 2)} | {fmt(shard)} "
+                  f"| {fmt(c['ratio'], 2)} | {fmt(c.get('plain_fresh_process_ms'))} "
+                  f"| {fmt(c.get('fresh_ratio'), 2)} | {fmt(shard)} "
                   f"| {fmt(r['stage_peak_rss_mb'][i])} | {fmt(1.5 * shard + 64)} |")
     probes = {r["model"].rsplit("-s", 1)[0]: r.get("batch_probe") for r in runs}
     if any(probes.values()):
