@@ -75,22 +75,34 @@ impl ScalingPolicy {
 #[derive(Debug)]
 pub struct StageScaler {
     samples: VecDeque<(Instant, usize)>,
-    last_busy: Instant,
+    /// When a request last touched the stage; `None` for a stage deployed with no replica
+    /// that has carried nothing yet.
+    last_busy: Option<Instant>,
 }
 
 impl StageScaler {
-    /// A stage that was last busy at `now` (just deployed).
+    /// A stage deployed with replicas at `now`: warm, as if just busy, so it keeps one
+    /// replica for `scale_to_zero_after` even if no request comes.
     pub fn new(now: Instant) -> Self {
         Self {
             samples: VecDeque::new(),
-            last_busy: now,
+            last_busy: Some(now),
+        }
+    }
+
+    /// A stage deployed with no replica: it stays at `min_replicas` (zero by default)
+    /// until its first request.
+    pub fn idle() -> Self {
+        Self {
+            samples: VecDeque::new(),
+            last_busy: None,
         }
     }
 
     /// Records that a request touched the stage at `now` (so an idle timer restarts even
     /// when ticks miss a short request).
     pub fn touch(&mut self, now: Instant) {
-        self.last_busy = self.last_busy.max(now);
+        self.last_busy = Some(self.last_busy.map_or(now, |busy| busy.max(now)));
     }
 
     /// Records the stage's load at `now` (requests in flight plus requests waiting for a
@@ -110,9 +122,14 @@ impl StageScaler {
         let average = self.samples.iter().map(|&(_, l)| l as f64).sum::<f64>()
             / self.samples.len().max(1) as f64;
         let wanted = (average.max(load as f64) / policy.target_in_flight).ceil() as usize;
-        let idle = now.saturating_duration_since(self.last_busy);
-        let floor = match policy.scale_to_zero_after {
-            Some(after) if policy.min_replicas == 0 && idle >= after => 0,
+        let floor = match (self.last_busy, policy.scale_to_zero_after) {
+            // Never busy since it was deployed without replicas.
+            (None, _) => policy.min_replicas,
+            (Some(busy), Some(after))
+                if policy.min_replicas == 0 && now.saturating_duration_since(busy) >= after =>
+            {
+                0
+            }
             // Scaled from zero and not idle long enough: keep the replica warm.
             _ => policy.min_replicas.max(1),
         };
@@ -184,6 +201,29 @@ mod tests {
         };
         let mut s = StageScaler::new(t0);
         assert_eq!(s.desired(&never, t0 + Duration::from_secs(300), 0), 1);
+    }
+
+    #[test]
+    fn a_stage_deployed_without_replicas_waits_for_its_first_request() {
+        let t0 = Instant::now();
+        let never = ScalingPolicy {
+            scale_to_zero_after: None,
+            ..policy()
+        };
+        for p in [policy(), never] {
+            let mut s = StageScaler::idle();
+            assert_eq!(s.desired(&p, t0, 0), 0);
+            assert_eq!(s.desired(&p, t0 + Duration::from_secs(5), 0), 0);
+            // The first request (waiting for a replica counts as load) starts one, and
+            // from then on the stage is warm like any other.
+            assert_eq!(s.desired(&p, t0 + Duration::from_secs(6), 1), 1);
+            assert_eq!(s.desired(&p, t0 + Duration::from_secs(20), 0), 1);
+        }
+        let keep_two = ScalingPolicy {
+            min_replicas: 2,
+            ..policy()
+        };
+        assert_eq!(StageScaler::idle().desired(&keep_two, t0, 0), 2);
     }
 
     #[test]

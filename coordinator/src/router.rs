@@ -198,7 +198,7 @@ impl Router {
 
     /// Deploys `stages` stages of `model` and starts the initial replicas.
     pub async fn deploy(&self, model: ModelId, stages: u32) -> Result<(), Status> {
-        let deployment = Self::new_deployment(&model, stages);
+        let deployment = Self::new_deployment(&model, stages, self.config.initial_replicas > 0);
         for pool in &deployment.stages {
             for _ in 0..self.config.initial_replicas {
                 self.start_replica(pool).await?;
@@ -221,12 +221,15 @@ impl Router {
         let mut deployments = self.deployments.write().await;
         let deployment = deployments
             .entry(model.clone())
-            .or_insert_with(|| Self::new_deployment(model, stages));
+            .or_insert_with(|| Self::new_deployment(model, stages, false));
         tracing::info!(%model, stages, "deployed on first request; stages scale from zero");
         Ok(deployment.clone())
     }
 
-    fn new_deployment(model: &ModelId, stages: u32) -> Arc<Deployment> {
+    /// A deployment of `stages` stages of `model` with no replica yet. `warm`: replicas
+    /// are about to be started, and kept for the idle time even if no request comes;
+    /// otherwise each stage stays at its minimum until its first request.
+    fn new_deployment(model: &ModelId, stages: u32, warm: bool) -> Arc<Deployment> {
         let now = Instant::now();
         Arc::new(Deployment {
             stages: (0..stages)
@@ -239,7 +242,11 @@ impl Router {
                     starting: AtomicUsize::new(0),
                     waiting: AtomicUsize::new(0),
                     started: Notify::new(),
-                    scaler: std::sync::Mutex::new(StageScaler::new(now)),
+                    scaler: std::sync::Mutex::new(if warm {
+                        StageScaler::new(now)
+                    } else {
+                        StageScaler::idle()
+                    }),
                     last_start_failure: std::sync::Mutex::new(None),
                 })
                 .collect(),
