@@ -617,12 +617,16 @@ async fn fetch_and_open(
     let opened = decrypting
         .await
         .map_err(|e| Error::Store(format!("decrypting task: {e}")))?;
-    // The opener's error names a forgery precisely; a store failure or refused framing
-    // comes next. (A stream that ended early fails both ways: the opener reports it.)
-    let (chunks, stats, decrypt) = opened?;
-    if let Some(error) = refused {
-        return Err(error);
-    }
+    // The opener's error names a forgery precisely (a forged frame may show here only as
+    // trailing bytes); when receiving stopped first, the opener's "truncated" is only the
+    // consequence, and why receiving stopped is the error.
+    let (chunks, stats, decrypt) = match (opened, refused) {
+        (Err(Error::Keys(shardseal_keys::Error::ShardTruncated)), Some(refused)) => {
+            return Err(refused);
+        }
+        (Err(error), _) | (Ok(_), Some(error)) => return Err(error),
+        (Ok(opened), None) => opened,
+    };
     Ok(FetchedShard {
         chunks,
         plaintext_len: stats.plaintext_len,
