@@ -127,13 +127,17 @@ impl fmt::Debug for Measurement {
 #[error("a measurement is 64 hex digits (a SHA-256)")]
 pub struct InvalidMeasurement;
 
-mod hex32 {
+/// Serde for 32-byte values (digests, measurements) as 64 hex digits:
+/// `#[serde(with = "shardseal_attestation::hex32")]`.
+pub mod hex32 {
     use serde::{Deserialize, Deserializer, Serializer};
 
+    /// Writes the bytes as 64 lowercase hex digits.
     pub fn serialize<S: Serializer>(v: &[u8; 32], s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&hex::encode(v))
     }
 
+    /// Reads exactly 64 hex digits.
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 32], D::Error> {
         let text = String::deserialize(d)?;
         let mut out = [0u8; 32];

@@ -88,7 +88,8 @@ pub use evidence::{
     Evidence, MAX_EVIDENCE_LEN, QUOTE_LEN, Quote, ReportData, TeeKind, VerifiedQuote,
 };
 pub use ids::{
-    InvalidId, InvalidMeasurement, MAX_MODEL_ID_LEN, Measurement, ModelId, ModelVersion, StageIndex,
+    InvalidId, InvalidMeasurement, MAX_MODEL_ID_LEN, Measurement, ModelId, ModelVersion,
+    StageIndex, hex32,
 };
 pub use nonce::{
     Clock, DEFAULT_MAX_OUTSTANDING_NONCES, DEFAULT_NONCE_LIFETIME, ManualClock, Nonce,

@@ -126,21 +126,6 @@ mod dtype_name {
     }
 }
 
-mod hex32 {
-    use super::*;
-
-    pub fn serialize<S: Serializer>(v: &[u8; 32], s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&hex::encode(v))
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 32], D::Error> {
-        let text = String::deserialize(d)?;
-        let mut out = [0u8; 32];
-        hex::decode_to_slice(&text, &mut out).map_err(serde::de::Error::custom)?;
-        Ok(out)
-    }
-}
-
 /// One pipeline stage: its boundary tensors and its encrypted shard.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -156,7 +141,7 @@ pub struct StageEntry {
     /// The shard digest (hex in the file): SHA-256 over the sealed shard's header and every
     /// chunk's frame and GCM tag, which pins the whole shard for anyone without its key
     /// (see `ShardStats::digest`).
-    #[serde(with = "hex32")]
+    #[serde(with = "shardseal_attestation::hex32")]
     pub shard_digest: [u8; 32],
     /// Ciphertext bytes.
     pub shard_size: u64,
