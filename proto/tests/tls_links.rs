@@ -3,46 +3,12 @@
 use std::net::SocketAddr;
 
 use shardseal_proto::tls::{Pki, Role};
+use shardseal_proto::v1::ReadyRequest;
 use shardseal_proto::v1::stage_function_client::StageFunctionClient;
-use shardseal_proto::v1::stage_function_server::{StageFunction, StageFunctionServer};
-use shardseal_proto::v1::{ProcessRequest, ProcessResponse, ReadyRequest, ReadyResponse};
-use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
-use tonic::transport::{Channel, ClientTlsConfig, Endpoint, Server};
-use tonic::{Request, Response, Status};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
-struct AlwaysReady;
-
-#[tonic::async_trait]
-impl StageFunction for AlwaysReady {
-    async fn process(
-        &self,
-        _: Request<ProcessRequest>,
-    ) -> Result<Response<ProcessResponse>, Status> {
-        Err(Status::unimplemented("test"))
-    }
-    async fn ready(&self, _: Request<ReadyRequest>) -> Result<Response<ReadyResponse>, Status> {
-        Ok(Response::new(ReadyResponse {
-            ready: true,
-            stage: 7,
-            ..Default::default()
-        }))
-    }
-}
-
-async fn serve_function(pki: &Pki) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let tls = pki.server_config(Role::Function).unwrap();
-    tokio::spawn(
-        Server::builder()
-            .tls_config(tls)
-            .unwrap()
-            .add_service(StageFunctionServer::new(AlwaysReady))
-            .serve_with_incoming(TcpListenerStream::new(listener)),
-    );
-    addr
-}
+mod support;
+use support::serve_as;
 
 async fn ready(addr: SocketAddr, tls: Option<ClientTlsConfig>) -> Result<u32, String> {
     let scheme = if tls.is_some() { "https" } else { "http" };
@@ -65,7 +31,7 @@ async fn ready(addr: SocketAddr, tls: Option<ClientTlsConfig>) -> Result<u32, St
 async fn only_the_coordinator_reaches_a_function() {
     let tmp = tempfile::tempdir().unwrap();
     let pki = Pki::create(&tmp.path().join("pki")).unwrap();
-    let addr = serve_function(&pki).await;
+    let addr = serve_as(&pki, Role::Function).await;
 
     let coordinator = pki
         .client_config(Role::Function, Some(Role::Coordinator))
@@ -99,7 +65,7 @@ async fn another_pki_is_not_trusted() {
     let tmp = tempfile::tempdir().unwrap();
     let ours = Pki::create(&tmp.path().join("ours")).unwrap();
     let theirs = Pki::create(&tmp.path().join("theirs")).unwrap();
-    let addr = serve_function(&ours).await;
+    let addr = serve_as(&ours, Role::Function).await;
     let foreign = theirs
         .client_config(Role::Function, Some(Role::Coordinator))
         .unwrap();

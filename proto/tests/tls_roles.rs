@@ -7,48 +7,14 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use shardseal_proto::tls::{Pki, Role, TLS_HANDSHAKE_TIMEOUT};
+use shardseal_proto::v1::ReadyRequest;
 use shardseal_proto::v1::stage_function_client::StageFunctionClient;
-use shardseal_proto::v1::stage_function_server::{StageFunction, StageFunctionServer};
-use shardseal_proto::v1::{ProcessRequest, ProcessResponse, ReadyRequest, ReadyResponse};
 use tokio::io::AsyncReadExt;
-use tokio::net::{TcpListener, TcpStream};
-use tokio_stream::wrappers::TcpListenerStream;
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity, Server};
-use tonic::{Request, Response, Status};
+use tokio::net::TcpStream;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
-struct AlwaysReady;
-
-#[tonic::async_trait]
-impl StageFunction for AlwaysReady {
-    async fn process(
-        &self,
-        _: Request<ProcessRequest>,
-    ) -> Result<Response<ProcessResponse>, Status> {
-        Err(Status::unimplemented("test"))
-    }
-    async fn ready(&self, _: Request<ReadyRequest>) -> Result<Response<ReadyResponse>, Status> {
-        Ok(Response::new(ReadyResponse {
-            ready: true,
-            stage: 7,
-            ..Default::default()
-        }))
-    }
-}
-
-/// Serves a test service with the TLS configuration of `role`.
-async fn serve_as(pki: &Pki, role: Role) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let tls = pki.server_config(role).unwrap();
-    tokio::spawn(
-        Server::builder()
-            .tls_config(tls)
-            .unwrap()
-            .add_service(StageFunctionServer::new(AlwaysReady))
-            .serve_with_incoming(TcpListenerStream::new(listener)),
-    );
-    addr
-}
+mod support;
+use support::serve_as;
 
 async fn ready(addr: SocketAddr, tls: Option<ClientTlsConfig>) -> Result<u32, String> {
     let scheme = if tls.is_some() { "https" } else { "http" };
