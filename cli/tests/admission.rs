@@ -13,7 +13,7 @@
 
 use std::path::Path;
 
-use shardseal_keys::{ActivationContext, Direction, RequestId, seal_activation};
+use shardseal_keys::{RequestId, seal_activation};
 use shardseal_proto::v1::{InferRequest, RequestHeader};
 use shardseal_testkit::cluster::Cluster;
 use shardseal_testkit::models;
@@ -43,8 +43,11 @@ fn peak_rss(pid: u32) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn many_large_requests_are_shed_before_decoding_and_memory_stays_bounded() {
     let exe = Path::new(env!("CARGO_BIN_EXE_shardseal"));
-    let cluster =
-        Cluster::start_with(exe, &["--max-in-flight".into(), MAX_IN_FLIGHT.to_string()]).await;
+    let cluster = Cluster::start_with(
+        exe,
+        &["--max-in-flight".to_owned(), MAX_IN_FLIGHT.to_string()],
+    )
+    .await;
     let model = models::mlp(&Default::default());
     cluster.provision_and_register("big", &model, 1).await;
     let client = cluster.client().await;
@@ -61,12 +64,7 @@ async fn many_large_requests_are_shed_before_decoding_and_memory_stays_bounded()
 
     // A request sealed to stage 0 whose ciphertext is then replaced by 32 MiB of junk.
     let request_id = RequestId::random().unwrap();
-    let context = ActivationContext {
-        deployment: pipeline.deployment.clone(),
-        request_id,
-        hop: 0,
-        direction: Direction::TowardNextStage,
-    };
+    let context = pipeline.input_context(request_id);
     let mut sealed: shardseal_proto::v1::Sealed =
         seal_activation(&pipeline.stage0_public_key, &context, b"x")
             .unwrap()

@@ -34,6 +34,7 @@ use shardseal_function::StageEngine;
 use shardseal_keys::broker::OwnerReleasePolicy;
 use shardseal_proto::tensor::HostTensor;
 use shardseal_sdk::{Client, Error};
+use shardseal_testkit::canary::{INPUT, WEIGHT};
 use shardseal_testkit::cluster::Cluster;
 use shardseal_testkit::models;
 use shardseal_testkit::sealed::{inputs_for, max_relative_diff};
@@ -41,13 +42,6 @@ use shardseal_testkit::sealed::{inputs_for, max_relative_diff};
 fn shardseal() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_shardseal"))
 }
-
-fn args(list: &[&str]) -> Vec<String> {
-    list.iter().map(|s| s.to_string()).collect()
-}
-
-const WEIGHT: f32 = 1234.5677;
-const INPUT: f32 = -7654.3213;
 
 /// Requests with their expected outputs (plain tract on the whole model).
 struct Workload {
@@ -189,8 +183,7 @@ async fn mlp_workload(client: &Client, model: &[u8], name: &'static str) -> Work
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kill_9_of_each_service_mid_stream_recovers_by_itself() {
-    let cluster =
-        Cluster::start_with(shardseal(), &args(&["--scale-to-zero-after", "never"])).await;
+    let cluster = Cluster::start_with(shardseal(), &["--scale-to-zero-after", "never"]).await;
     let mlp = models::mlp(&Default::default());
     let canary = shardseal_testkit::canary::fill_f32_initializers(&mlp, WEIGHT);
     cluster.provision_and_register("mlp", &mlp, 2).await;
@@ -385,7 +378,7 @@ fn function_log(cluster: &Cluster, model: &str, stage: u32) -> Option<String> {
 async fn with_the_broker_down_warm_functions_serve_and_a_cold_start_waits_for_it() {
     // Idle stages scale to zero after 4 s: `warm` is kept busy by a stream of requests,
     // `cold` is left idle until it runs no function.
-    let cluster = Cluster::start_with(shardseal(), &args(&["--scale-to-zero-after", "4s"])).await;
+    let cluster = Cluster::start_with(shardseal(), &["--scale-to-zero-after", "4s"]).await;
     let warm_model = models::mlp(&Default::default());
     let cold_model = models::mlp(&models::Mlp {
         seed: 7,

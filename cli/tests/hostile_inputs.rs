@@ -25,16 +25,13 @@ use tonic::transport::Endpoint;
 use prost::Message;
 use shardseal_function::StageEngine;
 use shardseal_keys::broker::OwnerReleasePolicy;
-use shardseal_keys::{
-    ActivationContext, Direction, PipelineManifest, RecipientPrivateKey, RecipientPublicKey,
-    RequestId, seal_activation,
-};
+use shardseal_keys::{PipelineManifest, RecipientPublicKey, RequestId, seal_activation};
 use shardseal_proto::tensor::{DType, HostTensor, TensorError, encode_bundle};
-use shardseal_proto::v1::{InferRequest, RequestHeader, TensorBundle};
+use shardseal_proto::v1::{InferRequest, TensorBundle};
 use shardseal_sdk::Error as SdkError;
 use shardseal_testkit::cluster::Cluster;
 use shardseal_testkit::models;
-use shardseal_testkit::sealed::{inputs_for, max_abs_diff};
+use shardseal_testkit::sealed::{inputs_for, max_abs_diff, request_header};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tonic::Code;
@@ -50,24 +47,13 @@ fn sealed_request(
     plaintext: &[u8],
 ) -> InferRequest {
     let request_id = RequestId::random().unwrap();
-    let context = ActivationContext {
-        deployment: pipeline.deployment.clone(),
-        request_id,
-        hop: 0,
-        direction: Direction::TowardNextStage,
-    };
-    let sealed = seal_activation(stage0, &context, plaintext).unwrap();
+    let sealed = seal_activation(stage0, &pipeline.input_context(request_id), plaintext).unwrap();
     InferRequest {
-        header: Some(RequestHeader {
-            model_id: pipeline.model_id.to_string(),
-            version: pipeline.version.0,
-            request_id: request_id.as_bytes().to_vec(),
-            response_key: RecipientPrivateKey::generate()
-                .unwrap()
-                .public_key()
-                .as_bytes()
-                .to_vec(),
-        }),
+        header: Some(request_header(
+            pipeline,
+            pipeline.model_id.as_str(),
+            request_id,
+        )),
         input: Some(sealed.into()),
     }
 }

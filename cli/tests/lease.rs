@@ -47,8 +47,11 @@ fn alive(pid: u32) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_warm_function_renews_its_lease_and_stops_when_the_broker_stays_away() {
     let exe = Path::new(env!("CARGO_BIN_EXE_shardseal"));
-    let cluster =
-        Cluster::start_with(exe, &["--token-lifetime-ms".into(), LEASE_MS.to_string()]).await;
+    let cluster = Cluster::start_with(
+        exe,
+        &["--token-lifetime-ms".to_owned(), LEASE_MS.to_string()],
+    )
+    .await;
     let model = models::mlp(&Default::default());
     cluster.provision_and_register("leased", &model, 1).await;
     let client = cluster

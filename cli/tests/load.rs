@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 use shardseal_function::StageEngine;
 use shardseal_proto::tensor::HostTensor;
 use shardseal_sdk::{Client, Error};
+use shardseal_testkit::canary::{INPUT, WEIGHT};
 use shardseal_testkit::cluster::Cluster;
 use shardseal_testkit::models;
 use shardseal_testkit::sealed::{inputs_for, max_abs_diff};
@@ -34,13 +35,6 @@ use shardseal_testkit::sealed::{inputs_for, max_abs_diff};
 fn shardseal() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_shardseal"))
 }
-
-fn args(list: &[&str]) -> Vec<String> {
-    list.iter().map(|s| s.to_string()).collect()
-}
-
-const WEIGHT: f32 = 1234.5677;
-const INPUT: f32 = -7654.3213;
 
 /// Resident memory of `pid` in KiB (`VmRSS`), if it still runs.
 fn rss_kib(pid: u32) -> Option<u64> {
@@ -183,8 +177,7 @@ async fn sixty_four_clients_for_sixty_seconds() {
     const CLIENTS: usize = 64;
     const CANARY_CLIENTS: usize = 8;
     const RUN: Duration = Duration::from_secs(60);
-    let cluster =
-        Cluster::start_with(shardseal(), &args(&["--scale-to-zero-after", "never"])).await;
+    let cluster = Cluster::start_with(shardseal(), &["--scale-to-zero-after", "never"]).await;
     let mlp = models::mlp(&Default::default());
     let canary = shardseal_testkit::canary::fill_f32_initializers(&mlp, WEIGHT);
     cluster.provision_and_register("mlp", &mlp, 2).await;
@@ -328,12 +321,12 @@ async fn above_saturation_the_coordinator_sheds_load() {
     const LIMIT: usize = 4;
     let cluster = Cluster::start_with(
         shardseal(),
-        &args(&[
+        &[
             "--max-in-flight",
             &LIMIT.to_string(),
             "--scale-to-zero-after",
             "never",
-        ]),
+        ],
     )
     .await;
     let mlp = models::mlp(&Default::default());

@@ -6,13 +6,12 @@ use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
-use shardseal_keys::{
-    ActivationContext, Direction, RecipientPrivateKey, RequestId, seal_activation,
-};
+use shardseal_keys::{RequestId, seal_activation};
 use shardseal_proto::tensor::{HostTensor, encode_bundle};
-use shardseal_proto::v1::{InferRequest, RequestHeader};
+use shardseal_proto::v1::InferRequest;
 use shardseal_testkit::cluster::Cluster;
 use shardseal_testkit::models;
+use shardseal_testkit::sealed::request_header;
 
 fn shardseal() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_shardseal"))
@@ -28,11 +27,11 @@ async fn metrics_count_what_was_sent_and_one_request_id_crosses_every_process() 
     let cluster = Cluster::start_with_env(
         shardseal(),
         &[
-            "--log-format".into(),
-            "json".into(),
+            "--log-format",
+            "json",
             // One replica per stage: the counts below are then exact.
-            "--max-replicas".into(),
-            "1".into(),
+            "--max-replicas",
+            "1",
         ],
         vec![
             ("SHARDSEAL_COORDINATOR_METRICS_LISTEN", "127.0.0.1:0".into()),
@@ -55,25 +54,11 @@ async fn metrics_count_what_was_sent_and_one_request_id_crosses_every_process() 
 
     // One request that brings its own id, and one for a model nobody registered.
     let mut raw = cluster.raw_coordinator().await;
-    let header = |model: &str, id: RequestId| RequestHeader {
-        model_id: model.into(),
-        version: pipeline.version.0,
-        request_id: id.as_bytes().to_vec(),
-        response_key: RecipientPrivateKey::generate()
-            .unwrap()
-            .public_key()
-            .as_bytes()
-            .to_vec(),
-    };
+    let header = |model: &str, id: RequestId| request_header(&pipeline, model, id);
     let id = RequestId::random().unwrap();
     let sealed = seal_activation(
         &pipeline.stage0_public_key,
-        &ActivationContext {
-            deployment: pipeline.deployment.clone(),
-            request_id: id,
-            hop: 0,
-            direction: Direction::TowardNextStage,
-        },
+        &pipeline.input_context(id),
         &encode_bundle(&[canary]),
     )
     .unwrap();

@@ -49,11 +49,7 @@ fn kernel_memory_limit(pid: u32) -> Option<u64> {
 async fn six_hundred_mib_of_weights_are_served_by_functions_of_256_mib() {
     let model = models::big_weights(600 << 20);
     assert!(model.len() as u64 >= 600 << 20);
-    let cluster = Cluster::start_with(
-        shardseal(),
-        &["--memory-limit".to_owned(), "256MiB".to_owned()],
-    )
-    .await;
+    let cluster = Cluster::start_with(shardseal(), &["--memory-limit", "256MiB"]).await;
     let (manifest, stages) = cluster
         .provision_with(
             &cluster.state().join("owner"),

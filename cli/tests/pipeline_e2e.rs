@@ -7,9 +7,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use shardseal_function::StageEngine;
-use shardseal_keys::{
-    ActivationContext, Direction, RecipientPrivateKey, RequestId, seal_activation,
-};
+use shardseal_keys::{ActivationContext, RecipientPrivateKey, RequestId, seal_activation};
 use shardseal_proto::tensor::{HostTensor, encode_bundle};
 use shardseal_proto::v1::{InferRequest, RequestHeader};
 use shardseal_testkit::cluster::Cluster;
@@ -91,12 +89,7 @@ async fn tampered_and_replayed_activations_are_refused_and_the_function_keeps_se
     let mut raw = cluster.raw_coordinator().await;
     let response_key = RecipientPrivateKey::generate().unwrap();
     let request_id = RequestId::random().unwrap();
-    let context = ActivationContext {
-        deployment: pipeline.deployment.clone(),
-        request_id,
-        hop: 0,
-        direction: Direction::TowardNextStage,
-    };
+    let context = pipeline.input_context(request_id);
     let sealed = seal_activation(
         &pipeline.stage0_public_key,
         &context,
@@ -171,8 +164,7 @@ async fn tampered_and_replayed_activations_are_refused_and_the_function_keeps_se
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn nothing_outside_the_functions_sees_plaintext() {
     // Weights and inputs full of a recognisable pattern.
-    const WEIGHT: f32 = 1234.5677;
-    const INPUT: f32 = -7654.3213;
+    use shardseal_testkit::canary::{INPUT, WEIGHT};
     let cluster = Cluster::start(shardseal()).await;
     let model =
         shardseal_testkit::canary::fill_f32_initializers(&models::mlp(&Default::default()), WEIGHT);

@@ -3,14 +3,12 @@
 
 use std::path::Path;
 
-use shardseal_keys::{
-    ActivationContext, Direction, RecipientPrivateKey, RequestId, seal_activation,
-};
+use shardseal_keys::{RequestId, seal_activation};
 use shardseal_proto::tensor::encode_bundle;
-use shardseal_proto::v1::{InferRequest, RequestHeader};
+use shardseal_proto::v1::InferRequest;
 use shardseal_testkit::cluster::Cluster;
 use shardseal_testkit::models;
-use shardseal_testkit::sealed::inputs_for;
+use shardseal_testkit::sealed::{inputs_for, request_header};
 
 fn shardseal() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_shardseal"))
@@ -39,26 +37,12 @@ async fn every_request_is_audited_with_metadata_only() {
 
     // A request for a model nobody registered, and one whose activations were tampered.
     let mut raw = cluster.raw_coordinator().await;
-    let header = |model: &str, id: RequestId| RequestHeader {
-        model_id: model.into(),
-        version: pipeline.version.0,
-        request_id: id.as_bytes().to_vec(),
-        response_key: RecipientPrivateKey::generate()
-            .unwrap()
-            .public_key()
-            .as_bytes()
-            .to_vec(),
-    };
+    let header = |model: &str, id: RequestId| request_header(&pipeline, model, id);
     let ghost_id = RequestId::random().unwrap();
     let id = RequestId::random().unwrap();
     let mut sealed = seal_activation(
         &pipeline.stage0_public_key,
-        &ActivationContext {
-            deployment: pipeline.deployment.clone(),
-            request_id: id,
-            hop: 0,
-            direction: Direction::TowardNextStage,
-        },
+        &pipeline.input_context(id),
         &encode_bundle(&[canary]),
     )
     .unwrap();

@@ -18,10 +18,6 @@ fn shardseal() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_shardseal"))
 }
 
-fn args(list: &[&str]) -> Vec<String> {
-    list.iter().map(|s| s.to_string()).collect()
-}
-
 /// One sealed request for `model`, checked against plain tract.
 async fn checked_request(client: &shardseal_sdk::Client, engine: &StageEngine, seed: u64) {
     let inputs = inputs_for(client, "cnn", seed).await;
@@ -51,7 +47,7 @@ async fn wait_for(
 async fn stages_scale_from_zero_out_under_load_back_to_zero_and_the_bill_adds_up() {
     let cluster = Cluster::start_with(
         shardseal(),
-        &args(&[
+        &[
             "--max-replicas",
             "3",
             "--target-in-flight",
@@ -60,7 +56,7 @@ async fn stages_scale_from_zero_out_under_load_back_to_zero_and_the_bill_adds_up
             "2s",
             "--scale-to-zero-after",
             "4s",
-        ]),
+        ],
     )
     .await;
     let model = models::residual_cnn(&Default::default());

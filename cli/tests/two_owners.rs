@@ -10,14 +10,12 @@ use shardseal_attestation::ModelId;
 use shardseal_function::StageEngine;
 use shardseal_keys::broker::BrokerError;
 use shardseal_keys::broker::owner::OwnerClient;
-use shardseal_keys::{
-    ActivationContext, Direction, OwnerKeyStore, RecipientPrivateKey, RequestId, seal_activation,
-};
+use shardseal_keys::{OwnerKeyStore, RequestId, seal_activation};
 use shardseal_proto::tensor::encode_bundle;
-use shardseal_proto::v1::{InferRequest, RequestHeader};
+use shardseal_proto::v1::InferRequest;
 use shardseal_testkit::cluster::Cluster;
 use shardseal_testkit::models;
-use shardseal_testkit::sealed::{inputs_for, max_abs_diff};
+use shardseal_testkit::sealed::{inputs_for, max_abs_diff, request_header};
 
 fn shardseal() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_shardseal"))
@@ -125,12 +123,7 @@ async fn two_owners_models_are_served_at_once_and_kept_apart() {
     let inputs = inputs_for(&client, "alpha", 99).await;
     let misaddressed = seal_activation(
         &beta_pipeline.stage0_public_key,
-        &ActivationContext {
-            deployment: alpha_pipeline.deployment.clone(),
-            request_id,
-            hop: 0,
-            direction: Direction::TowardNextStage,
-        },
+        &alpha_pipeline.input_context(request_id),
         &encode_bundle(&inputs),
     )
     .unwrap();
@@ -138,16 +131,7 @@ async fn two_owners_models_are_served_at_once_and_kept_apart() {
         .raw_coordinator()
         .await
         .infer(InferRequest {
-            header: Some(RequestHeader {
-                model_id: "alpha".into(),
-                version: alpha_pipeline.version.0,
-                request_id: request_id.as_bytes().to_vec(),
-                response_key: RecipientPrivateKey::generate()
-                    .unwrap()
-                    .public_key()
-                    .as_bytes()
-                    .to_vec(),
-            }),
+            header: Some(request_header(&alpha_pipeline, "alpha", request_id)),
             input: Some(misaddressed.into()),
         })
         .await

@@ -11,7 +11,7 @@ use shardseal_proto::v1::SignedBlob;
 
 use crate::error::Error;
 use crate::manifest::TensorSpec;
-use crate::seal::RecipientPublicKey;
+use crate::seal::{ActivationContext, Direction, RecipientPublicKey, RequestId};
 use crate::signing::{SIGNATURE_LEN, Signature, Signed, SignedPayload, VerifyingKey};
 
 /// The broker's description of a servable model: what a client checks before it seals
@@ -45,6 +45,26 @@ impl PipelineManifest {
     /// The deployment name of a model version.
     pub fn deployment_name(model: &ModelId, version: ModelVersion) -> String {
         format!("{model}@v{}", version.0)
+    }
+
+    /// What a client seals its inputs to stage 0 under, for request `request_id`.
+    pub fn input_context(&self, request_id: RequestId) -> ActivationContext {
+        ActivationContext {
+            deployment: self.deployment.clone(),
+            request_id,
+            hop: 0,
+            direction: Direction::TowardNextStage,
+        }
+    }
+
+    /// What the last stage seals the outputs of request `request_id` under, to the client.
+    pub fn output_context(&self, request_id: RequestId) -> ActivationContext {
+        ActivationContext {
+            deployment: self.deployment.clone(),
+            request_id,
+            hop: self.stage_count,
+            direction: Direction::TowardClient,
+        }
     }
 }
 

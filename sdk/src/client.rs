@@ -7,8 +7,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use shardseal_attestation::{Measurement, ModelId};
 use shardseal_keys::{
-    ActivationContext, Direction, PipelineManifest, RecipientPrivateKey, RequestId, Sealed,
-    VerifyingKey, open_activation, seal_activation, verify_pipeline,
+    PipelineManifest, RecipientPrivateKey, RequestId, Sealed, VerifyingKey, open_activation,
+    seal_activation, verify_pipeline,
 };
 use shardseal_proto::tensor::{HostTensor, decode_bundle, encode_bundle};
 use shardseal_proto::tls::{Role, client_config_from_ca};
@@ -152,12 +152,7 @@ impl Client {
         let request_id = RequestId::random().map_err(|e| Error::Internal(e.to_string()))?;
         let response_key =
             RecipientPrivateKey::generate().map_err(|e| Error::Internal(e.to_string()))?;
-        let to_stage0 = ActivationContext {
-            deployment: pipeline.deployment.clone(),
-            request_id,
-            hop: 0,
-            direction: Direction::TowardNextStage,
-        };
+        let to_stage0 = pipeline.input_context(request_id);
         let bundle = encode_bundle(&inputs);
         drop(inputs);
         let sealed = seal_activation(&pipeline.stage0_public_key, &to_stage0, &bundle)
@@ -186,12 +181,7 @@ impl Client {
             .output
             .ok_or_else(|| Error::Internal("the reply has no output".into()))?;
         let output = Sealed::try_from(output).map_err(|e| Error::Untrusted(e.to_string()))?;
-        let to_client = ActivationContext {
-            deployment: pipeline.deployment.clone(),
-            request_id,
-            hop: pipeline.stage_count,
-            direction: Direction::TowardClient,
-        };
+        let to_client = pipeline.output_context(request_id);
         let plaintext = open_activation(&response_key, &to_client, &output)
             .map_err(|_| Error::Untrusted("the output does not open for this request".into()))?;
         let outputs = decode_bundle(plaintext.expose_secret())

@@ -6,6 +6,12 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 
+/// The weight canary: every initializer of a canary model holds it
+/// ([`fill_f32_initializers`]). An `f32` whose bytes occur nowhere by chance.
+pub const WEIGHT: f32 = 1234.5677;
+/// The input canary: every element of a canary input.
+pub const INPUT: f32 = -7654.3213;
+
 /// Every readable, non-file-backed region of `pid`'s memory (heap, stacks, anonymous
 /// mappings), concatenated. Needs the right to ptrace the process (same user and a
 /// dumpable process, or root).

@@ -18,6 +18,7 @@
 //! processes of the coordinator that attest before they get keys. Provisioning runs the
 //! `shardseal keys provision` command; registration uses the owner client library.
 
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
@@ -69,19 +70,19 @@ impl Cluster {
     /// Starts a deployment of the `shardseal` executable `exe` whose broker trusts one
     /// model owner (`STATE/owner`).
     pub async fn start(exe: &Path) -> Self {
-        Self::start_with(exe, &[]).await
+        Self::start_with::<&str>(exe, &[]).await
     }
 
     /// Starts a deployment with extra `shardseal up` arguments.
-    pub async fn start_with(exe: &Path, extra_args: &[String]) -> Self {
+    pub async fn start_with<S: AsRef<OsStr>>(exe: &Path, extra_args: &[S]) -> Self {
         Self::launch(exe, extra_args, None, Vec::new()).await
     }
 
     /// Starts a deployment with extra `shardseal up` arguments and environment variables
     /// (which `shardseal up` passes on to every service and function it starts).
-    pub async fn start_with_env(
+    pub async fn start_with_env<S: AsRef<OsStr>>(
         exe: &Path,
-        extra_args: &[String],
+        extra_args: &[S],
         env: Vec<(&'static str, String)>,
     ) -> Self {
         Self::launch(exe, extra_args, None, env).await
@@ -90,7 +91,7 @@ impl Cluster {
     /// Starts a deployment whose shard store is the bucket of `server`: provisioning uploads
     /// there and functions stream their shards from there.
     pub async fn start_with_s3(exe: &Path, server: &crate::s3::S3Server) -> Self {
-        Self::launch(
+        Self::launch::<&str>(
             exe,
             &[],
             Some(server.store_url()),
@@ -99,9 +100,9 @@ impl Cluster {
         .await
     }
 
-    async fn launch(
+    async fn launch<S: AsRef<OsStr>>(
         exe: &Path,
-        extra_args: &[String],
+        extra_args: &[S],
         store_url: Option<String>,
         store_env: Vec<(&'static str, String)>,
     ) -> Self {

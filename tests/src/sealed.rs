@@ -1,7 +1,9 @@
-//! Checks shared by the end-to-end tests: inputs a verified pipeline accepts, and how far
-//! sealed outputs are from plain tract's.
+//! Checks shared by the end-to-end tests: inputs a verified pipeline accepts, request
+//! headers for requests sealed by hand, and how far sealed outputs are from plain tract's.
 
+use shardseal_keys::{PipelineManifest, RecipientPrivateKey, RequestId};
 use shardseal_proto::tensor::HostTensor;
+use shardseal_proto::v1::RequestHeader;
 
 use crate::models;
 
@@ -20,6 +22,26 @@ pub async fn inputs_for(client: &shardseal_sdk::Client, model: &str, seed: u64) 
             HostTensor::from_f32(spec.name.clone(), shape, &values).expect("input tensor")
         })
         .collect()
+}
+
+/// The header of a request for `model` (which need not be the pipeline's: a test may name
+/// another), at `pipeline`'s version, as a client sealing by hand would send it: with a
+/// fresh response key whose private half nobody keeps, so its output is never read.
+pub fn request_header(
+    pipeline: &PipelineManifest,
+    model: &str,
+    request_id: RequestId,
+) -> RequestHeader {
+    RequestHeader {
+        model_id: model.into(),
+        version: pipeline.version.0,
+        request_id: request_id.as_bytes().to_vec(),
+        response_key: RecipientPrivateKey::generate()
+            .expect("response key")
+            .public_key()
+            .as_bytes()
+            .to_vec(),
+    }
 }
 
 /// The largest absolute difference between two output sets, matched by name (panics
