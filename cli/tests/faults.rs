@@ -34,7 +34,7 @@ use shardseal_function::StageEngine;
 use shardseal_keys::broker::OwnerReleasePolicy;
 use shardseal_proto::tensor::HostTensor;
 use shardseal_sdk::{Client, Error};
-use shardseal_testkit::canary::{INPUT, WEIGHT};
+use shardseal_testkit::canary::{INPUT, WEIGHT, holds};
 use shardseal_testkit::cluster::Cluster;
 use shardseal_testkit::models;
 use shardseal_testkit::sealed::{inputs_for, max_relative_diff};
@@ -124,16 +124,6 @@ async fn served_more(outcomes: &Outcomes, more: usize, what: &str) {
     }
 }
 
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
-}
-
-fn canary_pattern(value: f32) -> Vec<u8> {
-    std::iter::repeat_n(value.to_le_bytes(), 4)
-        .flatten()
-        .collect()
-}
-
 /// Every file in the state folder (but the owner's own plaintext models) is free of the
 /// canaries; returns how many were scanned.
 fn assert_no_canary_in_files(cluster: &Cluster) -> usize {
@@ -148,7 +138,7 @@ fn assert_no_canary_in_files(cluster: &Cluster) -> usize {
         scanned += 1;
         for (what, value) in [("weights", WEIGHT), ("input", INPUT)] {
             assert!(
-                !contains(&bytes, &canary_pattern(value)),
+                !holds(&bytes, value),
                 "{} holds plaintext {what}",
                 path.display()
             );

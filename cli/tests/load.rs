@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use shardseal_function::StageEngine;
 use shardseal_proto::tensor::HostTensor;
 use shardseal_sdk::{Client, Error};
-use shardseal_testkit::canary::{INPUT, WEIGHT};
+use shardseal_testkit::canary::{INPUT, WEIGHT, holds};
 use shardseal_testkit::cluster::Cluster;
 use shardseal_testkit::models;
 use shardseal_testkit::sealed::{inputs_for, max_abs_diff};
@@ -101,16 +101,6 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     }
     let i = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
     sorted[i]
-}
-
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
-}
-
-fn canary_pattern(value: f32) -> Vec<u8> {
-    std::iter::repeat_n(value.to_le_bytes(), 4)
-        .flatten()
-        .collect()
 }
 
 /// The coordinator's memory as a core dump holds it: `gcore` if gdb is installed, else
@@ -292,7 +282,7 @@ async fn sixty_four_clients_for_sixty_seconds() {
     assert!(core.len() > 1 << 20, "a {} byte core", core.len());
     for (what, value) in [("weights", WEIGHT), ("input", INPUT)] {
         assert!(
-            !contains(&core, &canary_pattern(value)),
+            !holds(&core, value),
             "the coordinator's core dump holds plaintext {what}"
         );
     }

@@ -164,7 +164,7 @@ async fn tampered_and_replayed_activations_are_refused_and_the_function_keeps_se
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn nothing_outside_the_functions_sees_plaintext() {
     // Weights and inputs full of a recognisable pattern.
-    use shardseal_testkit::canary::{INPUT, WEIGHT};
+    use shardseal_testkit::canary::{INPUT, WEIGHT, holds};
     let cluster = Cluster::start(shardseal()).await;
     let model =
         shardseal_testkit::canary::fill_f32_initializers(&models::mlp(&Default::default()), WEIGHT);
@@ -181,30 +181,18 @@ async fn nothing_outside_the_functions_sees_plaintext() {
             .await
             .expect("sealed inference");
     }
-    let weight_pattern: Vec<u8> = std::iter::repeat_n(WEIGHT.to_le_bytes(), 4)
-        .flatten()
-        .collect();
-    let input_pattern: Vec<u8> = std::iter::repeat_n(INPUT.to_le_bytes(), 4)
-        .flatten()
-        .collect();
 
     // The coordinator's memory.
-    let coordinator_pid =
-        std::fs::read_to_string(cluster.state().join("logs").join("coordinator.pid"))
-            .expect("coordinator pid file")
-            .trim()
-            .parse::<u32>()
-            .unwrap();
-    let memory = shardseal_testkit::canary::read_process_memory(coordinator_pid)
+    let memory = shardseal_testkit::canary::read_process_memory(cluster.coordinator_pid())
         .expect("read coordinator memory");
     assert!(
         memory.len() > 1 << 20,
         "read {} bytes of coordinator memory",
         memory.len()
     );
-    for (what, pattern) in [("weights", &weight_pattern), ("input", &input_pattern)] {
+    for (what, value) in [("weights", WEIGHT), ("input", INPUT)] {
         assert!(
-            !contains(&memory, pattern),
+            !holds(&memory, value),
             "the coordinator's memory holds plaintext {what}"
         );
     }
@@ -218,9 +206,9 @@ async fn nothing_outside_the_functions_sees_plaintext() {
             continue;
         };
         scanned += 1;
-        for (what, pattern) in [("weights", &weight_pattern), ("input", &input_pattern)] {
+        for (what, value) in [("weights", WEIGHT), ("input", INPUT)] {
             assert!(
-                !contains(&bytes, pattern),
+                !holds(&bytes, value),
                 "{} holds plaintext {what}",
                 path.display()
             );
@@ -228,8 +216,4 @@ async fn nothing_outside_the_functions_sees_plaintext() {
     }
     assert!(scanned > 10, "scanned only {scanned} files");
     cluster.stop().await;
-}
-
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
 }

@@ -12,6 +12,13 @@ pub const WEIGHT: f32 = 1234.5677;
 /// The input canary: every element of a canary input.
 pub const INPUT: f32 = -7654.3213;
 
+/// Whether `bytes` hold `value` four times in a row, as a tensor or initializer full of it
+/// would in any copy: the trace a canary leaves.
+pub fn holds(bytes: &[u8], value: f32) -> bool {
+    let pattern = value.to_le_bytes().repeat(4);
+    bytes.windows(pattern.len()).any(|w| w == pattern)
+}
+
 /// Every readable, non-file-backed region of `pid`'s memory (heap, stacks, anonymous
 /// mappings), concatenated. Needs the right to ptrace the process (same user and a
 /// dumpable process, or root).
