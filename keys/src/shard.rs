@@ -458,11 +458,6 @@ impl SealedChunk {
     pub fn is_last(&self) -> bool {
         self.last
     }
-
-    /// Plaintext bytes the chunk holds once opened.
-    pub fn plaintext_len(&self) -> usize {
-        self.body.len().saturating_sub(TAG_LEN)
-    }
 }
 
 enum GatherState {
