@@ -143,6 +143,8 @@ struct RunReport {
     /// tensor bytes; sealing adds a fixed few dozen bytes per hop).
     cut_bytes_per_request: u64,
     stage_ms_p50: Vec<StageMs>,
+    /// CPU (user + system) per request in the throughput runs, by process.
+    cpu_ms_per_request: CpuPerRequest,
     max_abs_diff: f64,
     param_bytes: u64,
     /// Plain tract at batch 1 against a larger batch, on the whole model (none when
@@ -192,6 +194,79 @@ struct StageColdStart {
     plain_fresh_process_ms: f64,
     /// `spawn_to_ready_ms / plain_fresh_process_ms`.
     fresh_ratio: f64,
+}
+
+/// CPU time per request in the throughput runs: where the sealed pipeline's cycles go
+/// beside plain tract's.
+#[derive(Debug, Serialize)]
+struct CpuPerRequest {
+    /// Plain tract, over all the parallelisms tried.
+    plain: f64,
+    /// The sealed pipeline, every process below together.
+    sealed: f64,
+    /// The client (this process, sealing inputs and opening outputs).
+    client: f64,
+    coordinator: f64,
+    /// Each stage's function.
+    stages: Vec<f64>,
+}
+
+/// The processes of a deployment the benchmark watches.
+struct Processes<'a> {
+    /// One replica per stage, in stage order.
+    replicas: &'a [&'a ReplicaReady],
+    coordinator_pid: u32,
+    logs: PathBuf,
+}
+
+impl Processes<'_> {
+    /// CPU seconds used so far by the client (this process), the coordinator and each
+    /// stage's function.
+    fn cpu(&self) -> CpuSample {
+        let cpu = |pid: u32| cpu_seconds(pid).unwrap_or(f64::NAN);
+        CpuSample {
+            client: own_cpu_seconds().unwrap_or(f64::NAN),
+            coordinator: cpu(self.coordinator_pid),
+            stages: self.replicas.iter().map(|r| cpu(r.pid)).collect(),
+        }
+    }
+}
+
+/// CPU seconds per process, or their sums over intervals.
+#[derive(Debug, Clone, Default)]
+struct CpuSample {
+    client: f64,
+    coordinator: f64,
+    stages: Vec<f64>,
+}
+
+impl CpuSample {
+    /// Adds the CPU used between `before` and `after`.
+    fn add_since(&mut self, before: &CpuSample, after: &CpuSample) {
+        self.client += after.client - before.client;
+        self.coordinator += after.coordinator - before.coordinator;
+        self.stages.resize(after.stages.len(), 0.0);
+        for ((sum, b), a) in self
+            .stages
+            .iter_mut()
+            .zip(&before.stages)
+            .zip(&after.stages)
+        {
+            *sum += a - b;
+        }
+    }
+
+    fn per_request_ms(&self, plain: f64, requests: usize) -> CpuPerRequest {
+        let ms = |seconds: f64| seconds * 1e3 / requests as f64;
+        let stages: Vec<f64> = self.stages.iter().map(|&s| ms(s)).collect();
+        CpuPerRequest {
+            plain,
+            sealed: ms(self.client) + ms(self.coordinator) + stages.iter().sum::<f64>(),
+            client: ms(self.client),
+            coordinator: ms(self.coordinator),
+            stages,
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -348,8 +423,12 @@ async fn bench(args: &BenchArgs) -> anyhow::Result<()> {
                 }
                 serde_json::to_string(&report)?
             } else {
-                let mut report =
-                    measure(args, &client, &plain, plain_load, v, &replicas, &layout).await?;
+                let processes = Processes {
+                    replicas: &replicas,
+                    coordinator_pid,
+                    logs: layout.logs(),
+                };
+                let mut report = measure(args, &client, &plain, plain_load, v, &processes).await?;
                 report.batch_probe = batch.clone();
                 if !args.json {
                     print_run(&report);
@@ -547,9 +626,9 @@ async fn measure(
     plain: &Arc<StageEngine>,
     plain_load: LoadPhases,
     v: &Variant,
-    replicas: &[&ReplicaReady],
-    layout: &Layout,
+    processes: &Processes<'_>,
 ) -> anyhow::Result<RunReport> {
+    let replicas = processes.replicas;
     let model = v.id.as_str();
     let pipeline = client.pipeline(model).await?;
     let inputs: Vec<Vec<HostTensor>> = (0..4)
@@ -597,17 +676,27 @@ async fn measure(
     let rounds = THROUGHPUT_ROUNDS.min(args.requests);
     let mut plain_seconds = vec![0.0; parallelisms.len()];
     let mut sealed_seconds = 0.0;
+    let mut plain_cpu = 0.0;
+    let mut sealed_cpu = CpuSample::default();
     let mut done = 0;
     for round in 0..rounds {
         // Split the requests as evenly as the rounds allow.
         let n = (args.requests * (round + 1)) / rounds - done;
         done += n;
         for (k, &p) in parallelisms.iter().enumerate() {
+            let before = own_cpu_seconds().unwrap_or(f64::NAN);
             plain_seconds[k] += n as f64 / plain_throughput(plain.clone(), &inputs, n, p).await?;
+            plain_cpu += own_cpu_seconds().unwrap_or(f64::NAN) - before;
         }
+        let before = processes.cpu();
         let (rps, _) = sealed_throughput(client, model, &inputs, n, args.concurrency).await?;
+        sealed_cpu.add_since(&before, &processes.cpu());
         sealed_seconds += n as f64 / rps;
     }
+    let cpu_ms_per_request = sealed_cpu.per_request_ms(
+        plain_cpu * 1e3 / (args.requests * parallelisms.len()) as f64,
+        args.requests,
+    );
     let plain_rps_by_parallelism: Vec<(usize, f64)> = parallelisms
         .iter()
         .zip(&plain_seconds)
@@ -640,7 +729,7 @@ async fn measure(
             *slot = rss as f64 / MIB;
         }
         let logged =
-            function_cold_start(&layout.logs().join(format!("function-{}.log", r.replica)))
+            function_cold_start(&processes.logs.join(format!("function-{}.log", r.replica)))
                 .unwrap_or_default();
         if let Some(ms) = logged.fetch_decrypt_ms {
             fetch_bytes += v.shard_bytes.get(i).copied().unwrap_or(0);
@@ -732,6 +821,7 @@ async fn measure(
         stage_peak_rss_mb,
         stage_shard_mb: v.shard_bytes.iter().map(|&b| b as f64 / MIB).collect(),
         cut_bytes_per_request,
+        cpu_ms_per_request,
         stage_ms_p50: stage_timings
             .into_iter()
             .enumerate()
@@ -897,6 +987,16 @@ fn print_run(r: &RunReport) {
         r.sealed_rps,
         r.concurrency,
         r.throughput_ratio
+    );
+    let c = &r.cpu_ms_per_request;
+    let stages: Vec<String> = c.stages.iter().map(|ms| format!("{ms:.2}")).collect();
+    println!(
+        "cpu per request plain {:.2} ms | sealed {:.2} ms: client {:.2}, coordinator {:.2}, stages [{}]",
+        c.plain,
+        c.sealed,
+        c.client,
+        c.coordinator,
+        stages.join(", ")
     );
     println!(
         "cold start slowest {:.1} ms (max ratio to a plain load of the same shard {:.3} in this \
