@@ -102,12 +102,7 @@ async fn a_function_from_another_binary_gets_no_keys_and_the_request_fails_clean
     );
     assert_eq!(cluster.audit_show(&audit, "attest_accepted"), "");
     // The function says why it stopped, in its own log.
-    let logs: String = std::fs::read_dir(cluster.state().join("logs"))
-        .unwrap()
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().starts_with("function-"))
-        .map(|e| std::fs::read_to_string(e.path()).unwrap())
-        .collect();
+    let logs = cluster.function_logs();
     assert!(logs.contains("attestation refused"), "{logs}");
     cluster.stop().await;
 }

@@ -21,16 +21,6 @@ fn shardseal() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_shardseal"))
 }
 
-/// Every function log of the deployment, concatenated.
-fn function_logs(cluster: &Cluster) -> String {
-    std::fs::read_dir(cluster.state().join("logs"))
-        .unwrap()
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().starts_with("function-"))
-        .map(|e| std::fs::read_to_string(e.path()).unwrap())
-        .collect()
-}
-
 /// Sends one request and expects stage 1 to be reported unavailable, with nothing about
 /// the shard in the message, and `reason` in a function's log.
 async fn refused(cluster: &Cluster, client: &Client, reason: &str) {
@@ -48,7 +38,7 @@ async fn refused(cluster: &Cluster, client: &Client, reason: &str) {
         }
         other => panic!("expected Unavailable, got {other:?}"),
     }
-    let logs = function_logs(cluster);
+    let logs = cluster.function_logs();
     assert!(logs.contains(reason), "the log names {reason:?}:\n{logs}");
 }
 

@@ -168,6 +168,16 @@ impl Cluster {
         self.state.path()
     }
 
+    /// Every function log of the deployment so far, concatenated.
+    pub fn function_logs(&self) -> String {
+        std::fs::read_dir(self.state().join("logs"))
+            .expect("the logs folder")
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("function-"))
+            .map(|e| std::fs::read_to_string(e.path()).expect("a function log"))
+            .collect()
+    }
+
     /// The local PKI.
     pub fn pki(&self) -> Pki {
         Pki::open(&self.state.path().join("pki")).expect("pki")
