@@ -1,6 +1,7 @@
 //! `shardseal coordinator`: the router and the serverless platform (local processes, or
 //! static endpoints such as Knative Services).
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -70,7 +71,7 @@ pub(crate) struct CoordinatorArgs {
     /// `function` subcommand).
     #[arg(long, num_args = 1.., value_name = "PROGRAM [ARGS]")]
     function_command: Vec<String>,
-    /// Replica scaling and function memory.
+    /// Replica scaling, function memory and stage batching.
     #[command(flatten)]
     scaling: ScalingArgs,
     /// Append one usage record per function invocation (stage, replica, memory size,
@@ -215,8 +216,9 @@ async fn serve(args: CoordinatorArgs) -> anyhow::Result<()> {
 /// The memory size billed for functions that run without a memory limit, in MiB.
 const DEFAULT_BILLED_MEMORY_MB: u64 = 1024;
 
-/// How replicas follow load, and how much memory each function may use. Shared by
-/// `shardseal coordinator` and `shardseal up` (which passes them on).
+/// How replicas follow load, how much memory each function may use, and which models'
+/// functions batch. Shared by `shardseal coordinator` and `shardseal up` (which passes them
+/// on).
 #[derive(Debug, Clone, clap::Args)]
 pub(crate) struct ScalingArgs {
     /// Replicas each stage keeps when idle (0: scale to zero).
@@ -239,6 +241,11 @@ pub(crate) struct ScalingArgs {
     /// also the memory size usage is billed at (1 GiB when unset).
     #[arg(long, value_name = "SIZE")]
     memory_limit: Option<String>,
+    /// Let MODEL's functions run up to N requests waiting at a stage as one batch
+    /// (repeatable; 1, the default, is off). Batching never holds a request back; see
+    /// `shardseal function --max-batch` for when a stage batches.
+    #[arg(long = "max-batch", value_name = "MODEL=N", value_parser = parse_max_batch)]
+    max_batch: Vec<(ModelId, u16)>,
 }
 
 /// A duration, or none (`never`).
@@ -292,7 +299,27 @@ impl ScalingArgs {
         if let Some(limit) = &self.memory_limit {
             args.extend(["--memory-limit".to_owned(), limit.clone()]);
         }
+        for (model, n) in &self.max_batch {
+            args.extend(["--max-batch".to_owned(), format!("{model}={n}")]);
+        }
         args
+    }
+
+    /// The batch size each model's functions may use (models not named: 1).
+    pub(crate) fn max_batch(&self) -> HashMap<ModelId, u16> {
+        self.max_batch.iter().cloned().collect()
+    }
+}
+
+/// Parses `MODEL=N` for `--max-batch`.
+fn parse_max_batch(text: &str) -> Result<(ModelId, u16), String> {
+    let (model, n) = text
+        .split_once('=')
+        .ok_or_else(|| format!("{text:?}: expected MODEL=N"))?;
+    let model = ModelId::new(model).map_err(|e| e.to_string())?;
+    match n.parse::<u16>() {
+        Ok(n @ 1..=256) => Ok((model, n)),
+        _ => Err(format!("{text:?}: N must be a whole number from 1 to 256")),
     }
 }
 
@@ -360,6 +387,7 @@ fn local_platform(
         log_dir: args.log_dir.clone(),
         start_timeout: Duration::from_secs(120),
         memory_limit,
+        max_batch: args.scaling.max_batch(),
     })))
 }
 
@@ -409,4 +437,21 @@ fn load_or_create_signer(path: &Path) -> anyhow::Result<Ed25519Signer> {
     )
     .context("writing the audit public key")?;
     Ok(signer)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn max_batch_takes_a_model_and_a_size_from_1_to_256() {
+        assert_eq!(
+            parse_max_batch("mlp-s2=8").unwrap(),
+            (ModelId::new("mlp-s2").unwrap(), 8)
+        );
+        assert_eq!(parse_max_batch("m=256").unwrap().1, 256);
+        for bad in ["m=0", "m=257", "m=-1", "m=two", "m", "=4", "a b=4"] {
+            assert!(parse_max_batch(bad).is_err(), "{bad}");
+        }
+    }
 }

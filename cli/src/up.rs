@@ -40,7 +40,7 @@ pub(crate) struct UpArgs {
     /// from zero); more are refused with RESOURCE_EXHAUSTED.
     #[arg(long, default_value_t = 256)]
     max_in_flight: usize,
-    /// Replica scaling and function memory.
+    /// Replica scaling, function memory and stage batching.
     #[command(flatten)]
     scaling: crate::coordinator::ScalingArgs,
     /// Run functions as PROGRAM [ARGS]... instead of this executable's `function`

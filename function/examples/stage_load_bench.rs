@@ -79,7 +79,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let chunks = opener.update(&sealed)?;
             opener.finish()?;
             let started = Instant::now();
-            let (_, timings) = StageEngine::load_shard(chunks)?;
+            let (_, timings) = StageEngine::load_shard(chunks, 1)?;
             engine = engine.min(started.elapsed().as_secs_f64() * 1e3);
             load = load.min(timings.load.as_secs_f64() * 1e3);
             optimize = optimize.min(timings.optimize.as_secs_f64() * 1e3);

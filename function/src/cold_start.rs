@@ -62,6 +62,8 @@ pub struct ColdStartConfig {
     pub model: ModelId,
     /// The stage to serve.
     pub stage: StageIndex,
+    /// The most requests the stage may run as one batch (1: one by one).
+    pub max_batch: usize,
 }
 
 /// A stage whose keys were released to this process after it attested.
@@ -174,8 +176,9 @@ pub async fn cold_start(config: &ColdStartConfig) -> Result<AttestedStage, Error
             "the shard's digest differs from the signed manifest".into(),
         ));
     }
+    let max_batch = config.max_batch;
     let loading = tokio::task::spawn_blocking(move || {
-        let loaded = StageEngine::load_shard(fetched.chunks);
+        let loaded = StageEngine::load_shard(fetched.chunks, max_batch);
         // Give the memory of the plaintext, the proto and the unoptimised model back to the
         // system now, while nothing else allocates.
         crate::memory::release_free_memory();

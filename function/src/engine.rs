@@ -33,6 +33,8 @@ pub struct StageEngine {
     plan: Arc<TypedRunnableModel>,
     inputs: Vec<InputSpec>,
     outputs: Vec<String>,
+    /// The most requests one run may hold (1: the plan runs one request at a time).
+    max_batch: usize,
 }
 
 impl std::fmt::Debug for StageEngine {
@@ -41,6 +43,7 @@ impl std::fmt::Debug for StageEngine {
         f.debug_struct("StageEngine")
             .field("inputs", &self.inputs)
             .field("outputs", &self.outputs)
+            .field("max_batch", &self.max_batch)
             .finish_non_exhaustive()
     }
 }
@@ -57,22 +60,35 @@ pub struct LoadTimings {
 impl StageEngine {
     /// Parses, optimises and plans an ONNX model whose inputs have fixed shapes.
     pub fn load(onnx: &[u8]) -> Result<Self, Error> {
+        Self::load_batched(onnx, 1)
+    }
+
+    /// As [`StageEngine::load`], with runs of up to `max_batch` requests when the graph
+    /// allows it (see [`StageEngine::run_batch`]); [`StageEngine::max_batch`] says whether
+    /// it did.
+    pub fn load_batched(onnx: &[u8], max_batch: usize) -> Result<Self, Error> {
         let proto = pb::ModelProto::decode(onnx)
             .map_err(|_| Error::ModelLoad("not an ONNX model".into()))?;
-        Ok(Self::from_proto(proto, Instant::now())?.0)
+        Ok(Self::from_proto(proto, Instant::now(), max_batch)?.0)
     }
 
     /// Loads a decrypted shard given as its verified chunks, in order, freeing each chunk
     /// (wiped) as soon as the protobuf decoder has read past it, so that the plaintext and
     /// its decoded copy are never both whole in memory. tract cannot parse a partial
     /// protobuf, so decoding starts only once the whole shard is authenticated.
-    pub fn load_shard(chunks: Vec<PlaintextChunk>) -> Result<(Self, LoadTimings), Error> {
+    ///
+    /// With `max_batch` above 1 the engine runs up to that many requests at once if the
+    /// shard's graph batches; otherwise it runs them one by one (and says why in the log).
+    pub fn load_shard(
+        chunks: Vec<PlaintextChunk>,
+        max_batch: usize,
+    ) -> Result<(Self, LoadTimings), Error> {
         let started = Instant::now();
         let mut plaintext = ConsumedChunks::new(chunks);
         let proto = pb::ModelProto::decode(&mut plaintext)
             .map_err(|_| Error::ModelLoad("not an ONNX model".into()))?;
         drop(plaintext);
-        Self::from_proto(proto, started)
+        Self::from_proto(proto, started, max_batch)
     }
 
     /// Builds the engine from a decoded model, dropping each large intermediate as soon as
@@ -81,6 +97,7 @@ impl StageEngine {
     fn from_proto(
         mut proto: pb::ModelProto,
         started: Instant,
+        max_batch: usize,
     ) -> Result<(Self, LoadTimings), Error> {
         let graph = proto
             .graph
@@ -94,7 +111,7 @@ impl StageEngine {
             .filter(|i| !initializers.contains(i.name.as_str()))
             .map(input_spec)
             .collect::<Result<Vec<_>, _>>()?;
-        let outputs = graph.output.iter().map(|o| o.name.clone()).collect();
+        let outputs: Vec<String> = graph.output.iter().map(|o| o.name.clone()).collect();
 
         // tract converts every initializer while it still holds the whole proto, which
         // would keep two copies of every weight. Convert them here instead, freeing each
@@ -152,33 +169,77 @@ impl StageEngine {
                 model.inputs.len()
             )));
         }
-        for (ix, spec) in inputs.iter().enumerate() {
-            model
-                .set_input_fact(
-                    ix,
-                    InferenceFact::dt_shape(datum_type(spec.dtype), &spec.shape),
-                )
-                .map_err(|e| Error::ModelLoad(format!("{e:#}")))?;
-        }
         let parsed_at = Instant::now();
-        // Each step consumes the previous model, so its weights are freed as soon as the
-        // next form no longer shares them.
-        let plan = model
-            .into_optimized()
-            .and_then(|m| m.into_runnable())
-            .map_err(|e| Error::ModelLoad(format!("{e:#}")))?;
+        let (plan, max_batch) = match batchable(&inputs, max_batch) {
+            Ok(()) => {
+                // The batched plan is tried on a copy (the weights are shared, not copied),
+                // kept to plan the stage unbatched should the graph not batch.
+                match plan_batched(model.clone(), &inputs, outputs.len()) {
+                    Ok(plan) => (plan, max_batch),
+                    Err(why) => {
+                        tracing::warn!(%why, "the stage runs requests one by one");
+                        (plan_fixed(model, &inputs)?, 1)
+                    }
+                }
+            }
+            Err(why) => {
+                if max_batch > 1 {
+                    tracing::warn!(%why, "the stage runs requests one by one");
+                }
+                (plan_fixed(model, &inputs)?, 1)
+            }
+        };
+        let mut engine = Self {
+            plan,
+            inputs,
+            outputs,
+            max_batch,
+        };
+        if engine.max_batch > 1
+            && let Err(why) = engine.check_batches_rows_apart()
+        {
+            // The batched plan still runs one request exactly as the graph says.
+            tracing::warn!(%why, "the stage runs requests one by one");
+            engine.max_batch = 1;
+        }
         let timings = LoadTimings {
             load: parsed_at - started,
             optimize: parsed_at.elapsed(),
         };
-        Ok((
-            Self {
-                plan,
-                inputs,
-                outputs,
-            },
-            timings,
-        ))
+        Ok((engine, timings))
+    }
+
+    /// The most requests [`StageEngine::run_batch`] takes at once (1: batching is off, or
+    /// the graph does not batch).
+    pub fn max_batch(&self) -> usize {
+        self.max_batch
+    }
+
+    /// Runs a batch of two made-up requests and each alone, and compares: a graph that
+    /// mixes the rows of a batch (a reduction or a reshape over the leading axis, say)
+    /// would pass the shape checks of [`plan_batched`] but not this one.
+    fn check_batches_rows_apart(&self) -> Result<(), String> {
+        let rows: Vec<Vec<HostTensor>> = (0..2u32)
+            .map(|row| {
+                self.inputs
+                    .iter()
+                    .map(|spec| probe_tensor(spec, row))
+                    .collect()
+            })
+            .collect::<Result<_, _>>()?;
+        let together = self.run_batch(&rows).map_err(|e| e.to_string())?;
+        for (row, batched) in rows.iter().zip(&together) {
+            let alone = self.run(row).map_err(|e| e.to_string())?;
+            for (a, b) in alone.iter().zip(batched) {
+                if a.shape() != b.shape() || !close(a, b) {
+                    return Err(format!(
+                        "output {:?} of a batch differs from the same request run alone",
+                        a.name()
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The inputs the shard's graph declares, in graph order.
@@ -195,18 +256,7 @@ impl StageEngine {
     pub fn run(&self, available: &[HostTensor]) -> Result<Vec<HostTensor>, Error> {
         let mut values = TVec::with_capacity(self.inputs.len());
         for spec in &self.inputs {
-            let tensor = available
-                .iter()
-                .find(|t| t.name() == spec.name)
-                .ok_or_else(|| Error::MissingInput(spec.name.clone()))?;
-            if tensor.dtype() != spec.dtype || tensor.shape() != spec.shape.as_slice() {
-                return Err(Error::InputMismatch {
-                    name: spec.name.clone(),
-                    expected: format!("{} {:?}", spec.dtype, spec.shape),
-                    actual: format!("{} {:?}", tensor.dtype(), tensor.shape()),
-                });
-            }
-            values.push(to_tract(tensor)?.into_tvalue());
+            values.push(to_tract(self.input(spec, available)?)?.into_tvalue());
         }
         let results = self
             .plan
@@ -218,6 +268,195 @@ impl StageEngine {
             .map(|(value, name)| from_tract(name, value))
             .collect()
     }
+
+    /// Checks that `available` holds every tensor the shard declares, of its type and
+    /// shape: what [`StageEngine::run`] would refuse, found before a request joins a batch.
+    pub fn check_inputs(&self, available: &[HostTensor]) -> Result<(), Error> {
+        for spec in &self.inputs {
+            self.input(spec, available)?;
+        }
+        Ok(())
+    }
+
+    /// Runs several requests as one: each request's tensors (as for [`StageEngine::run`])
+    /// stacked along the leading axis, and each output split back, in request order. A
+    /// failure fails the whole batch, so check each request first
+    /// ([`StageEngine::check_inputs`]). More than [`StageEngine::max_batch`] requests are
+    /// refused.
+    pub fn run_batch(&self, requests: &[Vec<HostTensor>]) -> Result<Vec<Vec<HostTensor>>, Error> {
+        if requests.len() == 1 {
+            return Ok(vec![self.run(&requests[0])?]);
+        }
+        if requests.is_empty() || requests.len() > self.max_batch {
+            return Err(Error::Inference(format!(
+                "a batch of {} requests; this stage takes 1 to {}",
+                requests.len(),
+                self.max_batch
+            )));
+        }
+        let rows = requests.len();
+        let mut values = TVec::with_capacity(self.inputs.len());
+        for spec in &self.inputs {
+            let mut shape = spec.shape.clone();
+            shape[0] = rows;
+            // SAFETY: every byte is written below before the tensor is read; the element
+            // types are plain numbers, valid for any bit pattern.
+            #[allow(unsafe_code)]
+            let mut stacked = unsafe { Tensor::uninitialized_dt(datum_type(spec.dtype), &shape) }
+                .map_err(|e| Error::Inference(format!("{e:#}")))?;
+            let bytes = stacked.as_bytes_mut();
+            let row_len = bytes.len() / rows;
+            for (row, available) in bytes.chunks_exact_mut(row_len).zip(requests) {
+                row.copy_from_slice(self.input(spec, available)?.data());
+            }
+            values.push(stacked.into_tvalue());
+        }
+        let results = self
+            .plan
+            .run(values)
+            .map_err(|e| Error::Inference(format!("{e:#}")))?;
+        let mut split: Vec<Vec<HostTensor>> = (0..rows)
+            .map(|_| Vec::with_capacity(self.outputs.len()))
+            .collect();
+        for (value, name) in results.iter().zip(&self.outputs) {
+            let whole = from_tract(name, value)?;
+            if whole.shape().first() != Some(&rows) {
+                return Err(Error::Inference(format!(
+                    "output {name:?} of a batch of {rows} has shape {:?}",
+                    whole.shape()
+                )));
+            }
+            let mut shape = whole.shape().to_vec();
+            shape[0] = 1;
+            let row_len = whole.data().len() / rows;
+            for (row, outputs) in whole.data().chunks_exact(row_len).zip(&mut split) {
+                outputs.push(
+                    HostTensor::new(name, whole.dtype(), shape.clone(), row.to_vec())
+                        .map_err(|e| Error::Inference(e.to_string()))?,
+                );
+            }
+        }
+        Ok(split)
+    }
+
+    /// The tensor of `available` that `spec` declares, checked against it.
+    fn input<'a>(
+        &self,
+        spec: &InputSpec,
+        available: &'a [HostTensor],
+    ) -> Result<&'a HostTensor, Error> {
+        let tensor = available
+            .iter()
+            .find(|t| t.name() == spec.name)
+            .ok_or_else(|| Error::MissingInput(spec.name.clone()))?;
+        if tensor.dtype() != spec.dtype || tensor.shape() != spec.shape.as_slice() {
+            return Err(Error::InputMismatch {
+                name: spec.name.clone(),
+                expected: format!("{} {:?}", spec.dtype, spec.shape),
+                actual: format!("{} {:?}", tensor.dtype(), tensor.shape()),
+            });
+        }
+        Ok(tensor)
+    }
+}
+
+/// Whether requests of these inputs can be stacked: each input has a leading axis of 1.
+fn batchable(inputs: &[InputSpec], max_batch: usize) -> Result<(), String> {
+    if max_batch <= 1 {
+        return Err("batching is off".into());
+    }
+    match inputs.iter().find(|spec| spec.shape.first() != Some(&1)) {
+        Some(spec) => Err(format!(
+            "input {:?} has shape {:?}, not a leading axis of 1 to batch along",
+            spec.name, spec.shape
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Plans the model for the fixed input shapes.
+fn plan_fixed(
+    mut model: InferenceModel,
+    inputs: &[InputSpec],
+) -> Result<Arc<TypedRunnableModel>, Error> {
+    for (ix, spec) in inputs.iter().enumerate() {
+        model
+            .set_input_fact(
+                ix,
+                InferenceFact::dt_shape(datum_type(spec.dtype), &spec.shape),
+            )
+            .map_err(|e| Error::ModelLoad(format!("{e:#}")))?;
+    }
+    // Each step consumes the previous model, so its weights are freed as soon as the next
+    // form no longer shares them.
+    model
+        .into_optimized()
+        .and_then(|m| m.into_runnable())
+        .map_err(|e| Error::ModelLoad(format!("{e:#}")))
+}
+
+/// Plans the model with a symbolic leading axis on every input: one plan that runs any
+/// number of stacked requests. Refused (with the reason) unless every output keeps that
+/// axis, alone, in front.
+fn plan_batched(
+    mut model: InferenceModel,
+    inputs: &[InputSpec],
+    output_count: usize,
+) -> Result<Arc<TypedRunnableModel>, String> {
+    let rows = model.symbols.sym("batch").to_dim();
+    for (ix, spec) in inputs.iter().enumerate() {
+        let mut shape: TVec<TDim> = spec.shape.iter().map(|&d| d.to_dim()).collect();
+        shape[0] = rows.clone();
+        model
+            .set_input_fact(ix, InferenceFact::dt_shape(datum_type(spec.dtype), shape))
+            .map_err(|e| format!("{e:#}"))?;
+    }
+    let optimized = model.into_optimized().map_err(|e| format!("{e:#}"))?;
+    for ix in 0..output_count {
+        let fact = optimized.output_fact(ix).map_err(|e| format!("{e:#}"))?;
+        let dims = fact.shape.dims();
+        let leading = dims.first() == Some(&rows);
+        let rest_fixed = dims.iter().skip(1).all(|d| d.to_i64().is_ok());
+        if !(leading && rest_fixed) {
+            return Err(format!(
+                "output {ix} has shape {:?} for a batch, not the batch axis in front",
+                fact.shape
+            ));
+        }
+    }
+    optimized.into_runnable().map_err(|e| format!("{e:#}"))
+}
+
+/// A made-up request tensor for [`StageEngine::check_batches_rows_apart`]: floats spread
+/// over [-1, 1), differing between rows; integers zero (any other value might be out of
+/// range for an index input).
+fn probe_tensor(spec: &InputSpec, row: u32) -> Result<HostTensor, String> {
+    let count: usize = spec.shape.iter().product();
+    let mut state = 0x9e37_79b9_u32 ^ row.wrapping_mul(0x85eb_ca6b);
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 17;
+        state ^= state << 5;
+        (state >> 8) as f32 / (1u32 << 23) as f32 - 1.0
+    };
+    let data: Vec<u8> = match spec.dtype {
+        DType::F32 => (0..count).flat_map(|_| next().to_le_bytes()).collect(),
+        DType::F64 => (0..count)
+            .flat_map(|_| f64::from(next()).to_le_bytes())
+            .collect(),
+        DType::I64 | DType::I32 | DType::U8 => vec![0; count * spec.dtype.size()],
+    };
+    HostTensor::new(&spec.name, spec.dtype, spec.shape.clone(), data).map_err(|e| e.to_string())
+}
+
+/// Whether two outputs agree up to the rounding a batched kernel may order differently.
+fn close(a: &HostTensor, b: &HostTensor) -> bool {
+    let (x, y) = (a.to_f64_lossy(), b.to_f64_lossy());
+    a.dtype() == b.dtype()
+        && x.len() == y.len()
+        && x.iter()
+            .zip(&y)
+            .all(|(p, q)| (p - q).abs() <= 1e-4 * (1.0 + p.abs().max(q.abs())))
 }
 
 fn input_spec(info: &pb::ValueInfoProto) -> Result<InputSpec, Error> {

@@ -60,6 +60,13 @@ pub struct FunctionArgs {
     /// Allow --metrics-listen on a non-loopback address.
     #[arg(long, requires = "metrics_listen")]
     pub metrics_allow_remote: bool,
+    /// Run up to this many requests waiting at this stage as one batch (1: off). A batch
+    /// forms only from requests already waiting for the stage, never by holding one back.
+    /// The stage batches only if each of its inputs has a leading axis of 1 and its graph
+    /// keeps a batch's rows apart, both checked at load; otherwise it logs why and runs
+    /// requests one by one.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub max_batch: u16,
 }
 
 /// Runs a function until SIGTERM or Ctrl-C.
@@ -119,6 +126,7 @@ async fn serve(args: FunctionArgs) -> Result<(), Error> {
         broker_key: args.broker_key,
         model,
         stage: StageIndex(args.stage),
+        max_batch: usize::from(args.max_batch),
     };
     let stage = cold_start(&config).await?;
     let lease_config = config.clone();

@@ -8,13 +8,14 @@ use shardseal_keys::{
     ActivationContext, Direction, RecipientPublicKey, RequestId, Sealed, open_activation,
     seal_activation,
 };
-use shardseal_proto::tensor::{decode_bundle, encode_bundle};
+use shardseal_proto::tensor::{HostTensor, decode_bundle, encode_bundle};
 use shardseal_proto::tls::{Pki, Role};
 use shardseal_proto::v1::stage_function_server::{StageFunction, StageFunctionServer};
 use shardseal_proto::v1::{
     ProcessRequest, ProcessResponse, ReadyRequest, ReadyResponse, RequestHeader, StageTiming,
 };
 use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot};
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
@@ -38,14 +39,40 @@ pub struct StageService {
     stage: Arc<AttestedStage>,
     /// One permit per inference that may run at once ([`inference_slots`]).
     inference: Arc<tokio::sync::Semaphore>,
+    /// Requests waiting to run, when the stage batches (see [`Batcher`]); the batcher
+    /// then runs them, and `inference` is unused.
+    batches: Option<mpsc::UnboundedSender<BatchJob>>,
+}
+
+/// One request's opened inputs, and where its outputs go.
+struct BatchJob {
+    inputs: Vec<HostTensor>,
+    done: oneshot::Sender<Result<Ran, Error>>,
+}
+
+/// A request's outputs from a run, the run's time, and how many requests shared it.
+struct Ran {
+    outputs: Vec<HostTensor>,
+    inputs: Vec<HostTensor>,
+    run_ms: f64,
+    batch: usize,
 }
 
 impl StageService {
-    /// A service for a stage that finished its cold start.
+    /// A service for a stage that finished its cold start. It needs a Tokio runtime when
+    /// the stage batches (its batcher runs as a task).
     pub fn new(stage: AttestedStage) -> Self {
+        let stage = Arc::new(stage);
+        let inference = Arc::new(tokio::sync::Semaphore::new(inference_slots()));
+        let batches = (stage.engine.max_batch() > 1).then(|| {
+            let (queue, waiting) = mpsc::unbounded_channel();
+            tokio::spawn(Batcher::run(stage.clone(), waiting));
+            queue
+        });
         Self {
-            stage: Arc::new(stage),
-            inference: Arc::new(tokio::sync::Semaphore::new(inference_slots())),
+            stage,
+            inference,
+            batches,
         }
     }
 
@@ -54,13 +81,13 @@ impl StageService {
         self.stage.clone()
     }
 
-    /// Opens, runs and reseals one request's activations. Errors name what failed,
-    /// never a value.
-    fn process_sealed(
+    /// Opens one request's activations into the tensors the stage takes, checked. Errors
+    /// name what failed, never a value.
+    fn open(
         stage: &AttestedStage,
         header: &RequestHeader,
-        sealed: Sealed,
-    ) -> Result<(Sealed, StageTiming), Error> {
+        sealed: &Sealed,
+    ) -> Result<Vec<HostTensor>, Error> {
         let request_id = RequestId::from_slice(&header.request_id).map_err(Error::Keys)?;
         let inbound = ActivationContext {
             deployment: stage.deployment.clone(),
@@ -68,8 +95,7 @@ impl StageService {
             hop: stage.stage.0,
             direction: Direction::TowardNextStage,
         };
-        let t0 = Instant::now();
-        let plaintext = open_activation(&stage.stage_key, &inbound, &sealed)
+        let plaintext = open_activation(&stage.stage_key, &inbound, sealed)
             .map_err(|_| Error::ActivationRefused)?;
         let inputs = decode_bundle(plaintext.expose_secret()).map_err(Error::Tensor)?;
         drop(plaintext);
@@ -83,11 +109,18 @@ impl StageService {
                 return Err(Error::NonFiniteInput { name, index });
             }
         }
-        let t1 = Instant::now();
+        Ok(inputs)
+    }
 
-        let mut outputs = stage.engine.run(&inputs)?;
-        // Tensors live across this stage that it does not produce are forwarded as they
-        // came (skip connections, model inputs needed later, outputs made earlier).
+    /// Seals what leaves this stage for the next hop (the next stage, or the client):
+    /// the stage's outputs and the tensors it forwards as they came (skip connections,
+    /// model inputs needed later, outputs made earlier), in the manifest's order.
+    fn seal(
+        stage: &AttestedStage,
+        header: &RequestHeader,
+        inputs: Vec<HostTensor>,
+        mut outputs: Vec<HostTensor>,
+    ) -> Result<Sealed, Error> {
         for name in &stage.outputs {
             if outputs.iter().all(|o| o.name() != name) {
                 let forwarded = inputs
@@ -97,12 +130,12 @@ impl StageService {
                 outputs.push(forwarded.clone());
             }
         }
+        drop(inputs);
         // Only what the next hop needs leaves, in the manifest's order.
         outputs.retain(|o| stage.outputs.iter().any(|n| n == o.name()));
         outputs.sort_by_key(|o| stage.outputs.iter().position(|n| n == o.name()));
-        drop(inputs);
-        let t2 = Instant::now();
 
+        let request_id = RequestId::from_slice(&header.request_id).map_err(Error::Keys)?;
         let last = stage.stage.0 + 1 == stage.stage_count;
         let (recipient, direction) = if last {
             let client =
@@ -122,18 +155,156 @@ impl StageService {
         };
         let bundle = encode_bundle(&outputs);
         drop(outputs);
-        let sealed = seal_activation(&recipient, &outbound, &bundle).map_err(Error::Keys)?;
+        seal_activation(&recipient, &outbound, &bundle).map_err(Error::Keys)
+    }
+
+    /// Opens, runs and reseals one request's activations on this thread.
+    fn process_sealed(
+        stage: &AttestedStage,
+        header: &RequestHeader,
+        sealed: Sealed,
+    ) -> Result<(Sealed, StageTiming, usize), Error> {
+        let t0 = Instant::now();
+        let inputs = Self::open(stage, header, &sealed)?;
+        drop(sealed);
+        let t1 = Instant::now();
+        let outputs = stage.engine.run(&inputs)?;
+        let t2 = Instant::now();
+        let sealed = Self::seal(stage, header, inputs, outputs)?;
         let t3 = Instant::now();
-        let ms = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e3;
-        Ok((
-            sealed,
-            StageTiming {
-                stage: stage.stage.0,
-                open_ms: ms(t0, t1),
-                run_ms: ms(t1, t2),
-                seal_ms: ms(t2, t3),
-            },
-        ))
+        Ok((sealed, timing(stage, [t0, t1, t2, t3]), 1))
+    }
+
+    /// As [`StageService::process_sealed`], with the run in the batcher's hands: opened
+    /// and sealed on blocking threads of their own, run with whichever other requests wait
+    /// for the stage at the time.
+    async fn process_batched(
+        stage: Arc<AttestedStage>,
+        batches: &mpsc::UnboundedSender<BatchJob>,
+        header: RequestHeader,
+        sealed: Sealed,
+    ) -> Result<(Sealed, StageTiming, usize), Error> {
+        let opening = stage.clone();
+        let opened_header = header.clone();
+        let (inputs, open_ms) = blocking(move || {
+            let t = Instant::now();
+            let inputs = Self::open(&opening, &opened_header, &sealed)?;
+            // What would fail the run fails this request alone, before it joins a batch.
+            opening.engine.check_inputs(&inputs)?;
+            Ok((inputs, ms_since(t)))
+        })
+        .await?;
+        let (done, ran) = oneshot::channel();
+        batches
+            .send(BatchJob { inputs, done })
+            .map_err(|_| Error::Inference("the stage's batcher stopped".into()))?;
+        let ran = ran
+            .await
+            .map_err(|_| Error::Inference("the stage's batcher stopped".into()))??;
+        let (run_ms, batch) = (ran.run_ms, ran.batch);
+        let stage_index = stage.stage.0;
+        let (sealed, seal_ms) = blocking(move || {
+            let t = Instant::now();
+            let sealed = Self::seal(&stage, &header, ran.inputs, ran.outputs)?;
+            Ok((sealed, ms_since(t)))
+        })
+        .await?;
+        let timing = StageTiming {
+            stage: stage_index,
+            open_ms,
+            run_ms,
+            seal_ms,
+        };
+        Ok((sealed, timing, batch))
+    }
+}
+
+/// The timing of one request's open, run and seal, from their four instants.
+fn timing(stage: &AttestedStage, [t0, t1, t2, t3]: [Instant; 4]) -> StageTiming {
+    let ms = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e3;
+    StageTiming {
+        stage: stage.stage.0,
+        open_ms: ms(t0, t1),
+        run_ms: ms(t1, t2),
+        seal_ms: ms(t2, t3),
+    }
+}
+
+fn ms_since(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1e3
+}
+
+/// Runs `work` on a blocking thread.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, Error> + Send + 'static,
+) -> Result<T, Error> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|_| Error::Inference("the stage's worker failed".into()))?
+}
+
+/// Gathers the requests waiting for a batching stage into runs of up to
+/// [`StageEngine::max_batch`](crate::StageEngine::max_batch) requests, one run at a time.
+///
+/// A run starts as soon as the previous one ends and takes every request waiting at that
+/// moment (up to the maximum): a lone request runs at once, as it would unbatched, and
+/// requests that arrive during a run share the next. Nothing waits for a batch to fill.
+///
+/// One run at a time, not one per core: the requests that queue behind it make the next
+/// batch larger, and larger batches are what pays. On an MLP with 50 MB of weights at 16
+/// requests in flight (`shardseal bench --max-batch 8`), one run at a time served 1316
+/// requests per second with 3.8 requests per run; two at a time, 1207 with 2.6 (unbatched:
+/// 780 and 824).
+struct Batcher;
+
+impl Batcher {
+    async fn run(stage: Arc<AttestedStage>, mut waiting: mpsc::UnboundedReceiver<BatchJob>) {
+        let max = stage.engine.max_batch();
+        while let Some(first) = waiting.recv().await {
+            let mut jobs = vec![first];
+            while jobs.len() < max {
+                match waiting.try_recv() {
+                    Ok(job) => jobs.push(job),
+                    Err(_) => break,
+                }
+            }
+            // A caller that went away while waiting needs no run.
+            jobs.retain(|job| !job.done.is_closed());
+            if jobs.is_empty() {
+                continue;
+            }
+            let stage = stage.clone();
+            // A run that panicked answers nobody: its callers see the batcher's channel
+            // closed, and the next run goes on.
+            let _ = tokio::task::spawn_blocking(move || Self::run_jobs(&stage, jobs)).await;
+        }
+    }
+
+    /// Runs `jobs` as one batch and answers each.
+    fn run_jobs(stage: &AttestedStage, jobs: Vec<BatchJob>) {
+        let batch = jobs.len();
+        let (inputs, answers): (Vec<_>, Vec<_>) =
+            jobs.into_iter().map(|job| (job.inputs, job.done)).unzip();
+        let t = Instant::now();
+        let result = stage.engine.run_batch(&inputs);
+        let run_ms = ms_since(t);
+        match result {
+            Ok(outputs) => {
+                for ((outputs, inputs), done) in outputs.into_iter().zip(inputs).zip(answers) {
+                    let _ = done.send(Ok(Ran {
+                        outputs,
+                        inputs,
+                        run_ms,
+                        batch,
+                    }));
+                }
+            }
+            Err(e) => {
+                for done in answers {
+                    let _ = done.send(Err(Error::Inference(e.to_string())));
+                }
+            }
+        }
     }
 }
 
@@ -232,25 +403,30 @@ impl StageService {
                 Sealed::try_from(s).map_err(|_| Status::invalid_argument("malformed activations"))
             })?;
         let stage = self.stage.clone();
-        // Never closed, so acquiring fails only if the semaphore were; held until the
-        // inference ends, even if the caller goes away meanwhile.
-        let slot = Arc::clone(&self.inference)
-            .acquire_owned()
-            .await
-            .map_err(|_| Status::internal("the stage's worker failed"))?;
-        let result = tokio::task::spawn_blocking(move || {
-            let processed = Self::process_sealed(&stage, &header, sealed);
-            drop(slot);
-            processed
-        })
-        .await
-        .map_err(|_| Status::internal("the stage's worker failed"))?;
+        let result = match &self.batches {
+            Some(batches) => Self::process_batched(stage, batches, header, sealed).await,
+            None => {
+                // Never closed, so acquiring fails only if the semaphore were; held until
+                // the inference ends, even if the caller goes away meanwhile.
+                let slot = Arc::clone(&self.inference)
+                    .acquire_owned()
+                    .await
+                    .map_err(|_| Status::internal("the stage's worker failed"))?;
+                blocking(move || {
+                    let processed = Self::process_sealed(&stage, &header, sealed);
+                    drop(slot);
+                    processed
+                })
+                .await
+            }
+        };
         match result {
-            Ok((sealed, timing)) => {
+            Ok((sealed, timing, batch)) => {
                 tracing::info!(
                     open_ms = timing.open_ms,
                     run_ms = timing.run_ms,
                     seal_ms = timing.seal_ms,
+                    batch,
                     "processed"
                 );
                 Ok(Response::new(ProcessResponse {

@@ -350,6 +350,31 @@ pub fn multi_cross() -> Vec<u8> {
     g.finish()
 }
 
+/// A layer whose output mixes the rows of a batch although it keeps them in front: `x`
+/// [1,8] through MatMul, then Softmax over axis 0 (the batch axis), output `y` [1,8]. Run
+/// one request at a time it is a constant 1; stacked, each row depends on the others.
+pub fn batch_rows_mixed() -> Vec<u8> {
+    let mut g = GraphWriter::new("batch_rows_mixed", 41);
+    let x = g.input("x", &[1, 8]);
+    let w = g.layer_weight("w", &[8, 8], 8);
+    let product = g.node("MatMul", &[&x, &w], "product", vec![]);
+    g.node("Softmax", &[&product], "y", vec![int("axis", 0)]);
+    g.output("y", &[1, 8]);
+    g.finish()
+}
+
+/// A layer that folds the batch axis away: `x` [1,8] through MatMul, then Flatten at axis
+/// 0, output `y` [1,8] ([1, 8 x rows] for stacked rows).
+pub fn batch_axis_flattened() -> Vec<u8> {
+    let mut g = GraphWriter::new("batch_axis_flattened", 43);
+    let x = g.input("x", &[1, 8]);
+    let w = g.layer_weight("w", &[8, 8], 8);
+    let product = g.node("MatMul", &[&x, &w], "product", vec![]);
+    g.node("Flatten", &[&product], "y", vec![int("axis", 0)]);
+    g.output("y", &[1, 8]);
+    g.finish()
+}
+
 /// Two inputs (`image` [1,16], `meta` [1,4]) and two outputs listed as (`main` [1,5],
 /// `aux` [1,3]); `aux` is computed early, so it crosses later cuts as a graph output.
 pub fn two_io() -> Vec<u8> {

@@ -18,6 +18,8 @@ use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
+use shardseal_attestation::ModelId;
+
 use super::memory::{self, MemoryLimit};
 use super::{Platform, PlatformError, Replica, StageRef};
 
@@ -37,6 +39,9 @@ pub struct LocalPlatformConfig {
     pub start_timeout: Duration,
     /// The memory every function may use, enforced by the kernel (none: unlimited).
     pub memory_limit: Option<MemoryLimit>,
+    /// How many waiting requests the functions of a model may run as one batch
+    /// (`--max-batch`); a model not named runs requests one by one.
+    pub max_batch: HashMap<ModelId, u16>,
 }
 
 /// A running function process, and the cgroup confining it, if any.
@@ -124,6 +129,15 @@ impl Platform for LocalPlatform {
             .arg(stage.stage.0.to_string())
             .arg("--listen")
             .arg("127.0.0.1:0")
+            .args(
+                self.config
+                    .max_batch
+                    .get(&stage.model)
+                    .filter(|&&n| n > 1)
+                    .map(|n| ["--max-batch".to_owned(), n.to_string()])
+                    .into_iter()
+                    .flatten(),
+            )
             .env("SHARDSEAL_EXIT_WITH_PARENT", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
