@@ -39,7 +39,10 @@ use crate::demo::{compare, random_inputs, read_model, register};
 use crate::provision::{ProvisionRequest, provision};
 use crate::stack::{Layout, Stack};
 
-use observe::{ReplicaReady, cpu_seconds, function_cold_start, own_cpu_seconds, peak_rss_bytes};
+use observe::{
+    ReplicaReady, cpu_seconds, function_cold_start, own_cpu_seconds, peak_rss_bytes,
+    processed_batches,
+};
 use plain_tract::{BatchProbe, LoadPhases, batch_probe, fresh_process_load_ms, load_phases};
 pub(crate) use plain_tract::{PlainLoadArgs, plain_load_command};
 
@@ -82,6 +85,10 @@ pub(crate) struct BenchArgs {
     /// whether batching requests that wait at a stage would pay (0: skip).
     #[arg(long, default_value_t = 4)]
     batch_probe: usize,
+    /// Also deploy each stage count with stage batching (`--max-batch MODEL=N`) and
+    /// measure it beside the unbatched pipeline (1: unbatched only).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
+    max_batch: u16,
     /// Measure the coordinator alone: routed requests per second and CPU per request.
     #[arg(long)]
     routing: bool,
@@ -98,12 +105,20 @@ pub(crate) struct BenchArgs {
 struct RunReport {
     model: String,
     stages: usize,
+    /// The most requests a stage ran as one batch (1: batching off).
+    max_batch: u16,
+    /// Requests per run, on average, in the sealed throughput runs' functions (1 when
+    /// unbatched).
+    mean_batch: Option<f64>,
     requests: usize,
     concurrency: usize,
     plain_ms_p50: f64,
     plain_ms_p99: f64,
     sealed_ms_p50: f64,
     sealed_ms_p99: f64,
+    /// Sealed latency under load: the requests of the throughput runs, at --concurrency.
+    sealed_loaded_ms_p50: f64,
+    sealed_loaded_ms_p99: f64,
     /// sealed p50 / plain p50.
     overhead_ratio: f64,
     /// Plain tract's best throughput over the parallelisms tried.
@@ -220,6 +235,11 @@ struct Processes<'a> {
 }
 
 impl Processes<'_> {
+    /// The log of a function replica.
+    fn function_log(&self, replica: &ReplicaReady) -> PathBuf {
+        self.logs.join(format!("function-{}.log", replica.replica))
+    }
+
     /// CPU seconds used so far by the client (this process), the coordinator and each
     /// stage's function.
     fn cpu(&self) -> CpuSample {
@@ -300,6 +320,8 @@ struct RoutingReport {
 /// A provisioned variant of the model, before deployment.
 struct Variant {
     id: ModelId,
+    /// `--max-batch` of its deployment (1: unbatched).
+    max_batch: u16,
     stages: usize,
     plan: Plan,
     shard_load: Vec<LoadPhases>,
@@ -365,12 +387,21 @@ async fn bench(args: &BenchArgs) -> anyhow::Result<()> {
 
     let owner = OwnerKeyStore::init(&layout.owner()).context("creating the owner's key store")?;
     let mut variants = Vec::new();
+    let batch_sizes: &[u16] = if args.max_batch > 1 && !args.routing {
+        &[1, args.max_batch]
+    } else {
+        &[1]
+    };
     for &n in &args.stages {
-        say(&format!("provisioning {base_id} in {n} stage(s)"));
-        match provision_variant(&layout, &owner, &model_bytes, &base_id, n) {
-            Ok(v) => variants.push(v),
-            Err(e) if args.stages.len() > 1 => eprintln!("skipping {n} stage(s): {e:#}"),
-            Err(e) => return Err(e),
+        for &max_batch in batch_sizes {
+            say(&format!(
+                "provisioning {base_id} in {n} stage(s), max batch {max_batch}"
+            ));
+            match provision_variant(&layout, &owner, &model_bytes, &base_id, n, max_batch) {
+                Ok(v) => variants.push(v),
+                Err(e) if args.stages.len() > 1 => eprintln!("skipping {n} stage(s): {e:#}"),
+                Err(e) => return Err(e),
+            }
         }
     }
 
@@ -392,6 +423,12 @@ async fn bench(args: &BenchArgs) -> anyhow::Result<()> {
         ]
         .map(String::from),
     );
+    for v in variants.iter().filter(|v| v.max_batch > 1) {
+        stack.add_coordinator_args([
+            "--max-batch".to_owned(),
+            format!("{}={}", v.id, v.max_batch),
+        ]);
+    }
     let result = async {
         let mut deployments = Vec::new();
         for v in &variants {
@@ -487,8 +524,12 @@ fn provision_variant(
     model_bytes: &[u8],
     base_id: &ModelId,
     stages: usize,
+    max_batch: u16,
 ) -> anyhow::Result<Variant> {
-    let id = ModelId::new(format!("{base_id}-s{stages}"))?;
+    let id = match max_batch {
+        1 => ModelId::new(format!("{base_id}-s{stages}"))?,
+        n => ModelId::new(format!("{base_id}-s{stages}-b{n}"))?,
+    };
     let provisioned = provision(ProvisionRequest {
         model_bytes,
         model_id: id.clone(),
@@ -522,6 +563,7 @@ fn provision_variant(
     let decrypt = measure_decrypt(&largest, &id)?;
     Ok(Variant {
         id,
+        max_batch,
         stages: plan.stages().len(),
         plan,
         shard_load,
@@ -673,11 +715,16 @@ async fn measure(
     parallelisms.retain(|&p| p > 0);
     // In rounds, every configuration once per round, so a burst of load from elsewhere on
     // the machine lands on all of them rather than on one.
+    let processed_before: Vec<usize> = replicas
+        .iter()
+        .map(|r| processed_batches(&processes.function_log(r)).len())
+        .collect();
     let rounds = THROUGHPUT_ROUNDS.min(args.requests);
     let mut plain_seconds = vec![0.0; parallelisms.len()];
     let mut sealed_seconds = 0.0;
     let mut plain_cpu = 0.0;
     let mut sealed_cpu = CpuSample::default();
+    let mut loaded_ms = Vec::new();
     let mut done = 0;
     for round in 0..rounds {
         // Split the requests as evenly as the rounds allow.
@@ -689,7 +736,9 @@ async fn measure(
             plain_cpu += own_cpu_seconds().unwrap_or(f64::NAN) - before;
         }
         let before = processes.cpu();
-        let (rps, _) = sealed_throughput(client, model, &inputs, n, args.concurrency).await?;
+        let (rps, latencies) =
+            sealed_throughput(client, model, &inputs, n, args.concurrency).await?;
+        loaded_ms.extend(latencies);
         sealed_cpu.add_since(&before, &processes.cpu());
         sealed_seconds += n as f64 / rps;
     }
@@ -728,9 +777,7 @@ async fn measure(
         if let (Some(slot), Some(rss)) = (stage_peak_rss_mb.get_mut(i), peak_rss_bytes(r.pid)) {
             *slot = rss as f64 / MIB;
         }
-        let logged =
-            function_cold_start(&processes.logs.join(format!("function-{}.log", r.replica)))
-                .unwrap_or_default();
+        let logged = function_cold_start(&processes.function_log(r)).unwrap_or_default();
         if let Some(ms) = logged.fetch_decrypt_ms {
             fetch_bytes += v.shard_bytes.get(i).copied().unwrap_or(0);
             fetch_ms += ms;
@@ -793,9 +840,24 @@ async fn measure(
         percentile(&mut sealed_ms, 0.5),
         percentile(&mut sealed_ms, 0.99),
     );
+    // Of the throughput runs only: the latency runs send one request at a time.
+    let batches: Vec<f64> = replicas
+        .iter()
+        .zip(&processed_before)
+        .flat_map(|(r, &before)| {
+            processed_batches(&processes.function_log(r))
+                .into_iter()
+                .skip(before)
+        })
+        .collect();
+    let mean_batch = observe::mean_batch(&batches);
     Ok(RunReport {
         model: v.id.to_string(),
         stages: v.stages,
+        max_batch: v.max_batch,
+        mean_batch,
+        sealed_loaded_ms_p50: percentile(&mut loaded_ms, 0.5),
+        sealed_loaded_ms_p99: percentile(&mut loaded_ms, 0.99),
         requests: args.requests,
         concurrency: args.concurrency,
         plain_ms_p50: plain_p50,
@@ -988,6 +1050,13 @@ fn print_run(r: &RunReport) {
         r.concurrency,
         r.throughput_ratio
     );
+    println!(
+        "under load sealed p50 {:.2} ms p99 {:.2} ms | max batch {} (mean batch {})",
+        r.sealed_loaded_ms_p50,
+        r.sealed_loaded_ms_p99,
+        r.max_batch,
+        opt(r.mean_batch, 2)
+    );
     let c = &r.cpu_ms_per_request;
     let stages: Vec<String> = c.stages.iter().map(|ms| format!("{ms:.2}")).collect();
     println!(
@@ -1079,8 +1148,9 @@ fn print_run(r: &RunReport) {
 fn print_sweep(model: &ModelId, reports: &[RunReport]) {
     println!("\nstage sweep of {model} (cut B/req: activation bytes crossing cuts per request)");
     println!(
-        "{:>6} {:>12} {:>10} {:>10} {:>10} {:>9} {:>10} {:>10} {:>7} {:>11}",
+        "{:>6} {:>5} {:>12} {:>10} {:>10} {:>10} {:>9} {:>10} {:>10} {:>7} {:>11}",
         "stages",
+        "batch",
         "cut B/req",
         "plain p50",
         "sealed p50",
@@ -1093,8 +1163,9 @@ fn print_sweep(model: &ModelId, reports: &[RunReport]) {
     );
     for r in reports {
         println!(
-            "{:>6} {:>12} {:>10.2} {:>10.2} {:>10.2} {:>9.3} {:>10.2} {:>10.2} {:>7.3} {:>11.1}",
+            "{:>6} {:>5} {:>12} {:>10.2} {:>10.2} {:>10.2} {:>9.3} {:>10.2} {:>10.2} {:>7.3} {:>11.1}",
             r.stages,
+            r.max_batch,
             r.cut_bytes_per_request,
             r.plain_ms_p50,
             r.sealed_ms_p50,

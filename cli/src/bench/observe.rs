@@ -108,6 +108,31 @@ pub(super) fn function_cold_start(function_log: &Path) -> Option<FunctionColdSta
     })
 }
 
+/// The batch size of each request a function log records as `processed` (its `batch=`
+/// field; a line without one is a run of one), in order.
+pub(super) fn processed_batches(log: &Path) -> Vec<f64> {
+    let Ok(text) = std::fs::read_to_string(log) else {
+        return Vec::new();
+    };
+    text.lines()
+        .map(strip_ansi)
+        .filter(|line| line.contains(" processed"))
+        .map(|line| {
+            fields(&line)
+                .get("batch")
+                .and_then(|b| b.parse().ok())
+                .unwrap_or(1.0)
+        })
+        .collect()
+}
+
+/// Requests per run, given each request's batch size (each request of a run of `k` has
+/// its own line, so together they count as one run), or none without any request.
+pub(super) fn mean_batch(batches: &[f64]) -> Option<f64> {
+    let runs: f64 = batches.iter().map(|b| 1.0 / b).sum();
+    (runs > 0.0).then(|| batches.len() as f64 / runs)
+}
+
 /// The peak resident set of a live process (`VmHWM`), in bytes.
 pub(super) fn peak_rss_bytes(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -246,6 +271,37 @@ mod tests {
         std::fs::write(&log, "ERROR attestation refused: PermissionDenied\n").unwrap();
         assert_eq!(function_cold_start(&log), None);
         assert_eq!(function_cold_start(&dir.path().join("missing.log")), None);
+    }
+
+    #[test]
+    fn batch_sizes_come_from_processed_lines_and_runs_count_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("function-1.log");
+        let line = |batch: &str| {
+            format!(
+                "2026-11-29T14:35:24Z  INFO process{{stage=0 request_id=\"ab\"}}: \
+                 shardseal_function::service: processed open_ms=0.6 run_ms=39.6 seal_ms=0.4{batch}\n"
+            )
+        };
+        let text = [
+            "INFO cold start model=m stage=0 total_ms=9.0\n".to_owned(),
+            // An older function logs no batch: a run of one.
+            line(""),
+            line(" batch=1"),
+            // Three requests that shared one run log a line each.
+            line(" \x1b[3mbatch\x1b[0m\x1b[2m=\x1b[0m3"),
+            line(" batch=3"),
+            line(" batch=3"),
+        ]
+        .concat();
+        std::fs::write(&log, text).unwrap();
+        let batches = processed_batches(&log);
+        assert_eq!(batches, [1.0, 1.0, 3.0, 3.0, 3.0]);
+        // Five requests in three runs.
+        let mean = mean_batch(&batches).unwrap();
+        assert!((mean - 5.0 / 3.0).abs() < 1e-12, "{mean}");
+        assert_eq!(mean_batch(&[]), None);
+        assert!(processed_batches(&dir.path().join("missing.log")).is_empty());
     }
 
     #[test]
