@@ -126,6 +126,11 @@ async fn serve(args: CoordinatorArgs) -> anyhow::Result<()> {
                 "--memory-limit applies to --platform local; a static platform's functions have their limits set where they run (the Knative Service's resources)"
             );
         }
+        if !args.scaling.max_batch.is_empty() {
+            bail!(
+                "--max-batch applies to --platform local; give a static platform's functions --max-batch N where they run (the Knative Service's args)"
+            );
+        }
         args.platform.static_platform(&pki, &deployments)?
     } else {
         args.platform.check_local()?;

@@ -134,3 +134,38 @@ fn plaintext_h2c_is_refused_off_loopback_before_any_key_is_asked_for() {
         "{stderr}"
     );
 }
+
+/// The flags that shape functions the coordinator starts mean nothing to functions it does
+/// not start: a static coordinator refuses them, naming where the setting belongs.
+#[test]
+fn a_static_coordinator_refuses_settings_of_functions_it_does_not_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = dir.path().join("pki");
+    shardseal_proto::tls::Pki::create(&pki).unwrap();
+    for (flag, value, belongs) in [
+        ("--memory-limit", "256MiB", "Knative Service's resources"),
+        ("--max-batch", "mlp=4", "Knative Service's args"),
+    ] {
+        let out = std::process::Command::new(shardseal())
+            .args([
+                "coordinator",
+                "--platform",
+                "static",
+                "--listen",
+                "127.0.0.1:0",
+            ])
+            .args(["--endpoint", "mlp/0=http://127.0.0.1:9"])
+            .args(["--broker", "https://127.0.0.1:9", "--pki"])
+            .arg(&pki)
+            .args([flag, value])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{flag}: {stderr}");
+        assert!(
+            stderr.contains(&format!("{flag} applies to --platform local"))
+                && stderr.contains(belongs),
+            "{flag}: {stderr}"
+        );
+    }
+}
