@@ -4,8 +4,9 @@
     shardseal bench --model M.onnx --stages 1,2,4 --json > m.jsonl
     python3 scripts/bench_tables.py m.jsonl [more.jsonl ...]
 
-Prints the latency and throughput table, the cold-start table and the memory table for
-every stage count of every file. A figure the run did not produce prints as n/a.
+Prints the latency and throughput table, CPU per request by process, the cold-start table,
+the memory table and, for runs with `--max-batch`, the batching table, for every stage count
+of every file. A figure the run did not produce prints as n/a.
 """
 
 import json
@@ -41,6 +42,33 @@ def main():
               f"| {fmt(r['plain_rps'], 2)} (p={r['plain_best_parallelism']}) "
               f"| {fmt(r['sealed_rps'], 2)} @{r['concurrency']} "
               f"| {fmt(r['throughput_ratio'], 3)} | {r['max_abs_diff']:.1e} |")
+    if any("cpu_ms_per_request" in r for r in runs):
+        print()
+        print("| model | stages | plain CPU ms/req | sealed CPU ms/req | client | coordinator "
+              "| functions (per stage) | stages' own run ms (latency runs) |")
+        print("|---|---|---|---|---|---|---|---|")
+        for r in runs:
+            c = r.get("cpu_ms_per_request")
+            if not c:
+                continue
+            stages = ", ".join(fmt(x, 1) for x in c["stages"])
+            runs_ms = sum(s["run_ms"] for s in r["stage_ms_p50"])
+            print(f"| {r['model']} | {r['stages']} | {fmt(c['plain'], 1)} | {fmt(c['sealed'], 1)} "
+                  f"| {fmt(c['client'], 2)} | {fmt(c['coordinator'], 2)} | {stages} "
+                  f"| {fmt(runs_ms, 1)} |")
+    if any(r.get("max_batch", 1) > 1 for r in runs):
+        print()
+        print("| model | stages | max batch | requests per run | sealed rps @C | thr. ratio "
+              "| under load p50 / p99 ms | one at a time p50 ms |")
+        print("|---|---|---|---|---|---|---|---|")
+        for r in runs:
+            print(f"| {r['model']} | {r['stages']} | {r.get('max_batch', 1)} "
+                  f"| {fmt(r.get('mean_batch'), 2)} "
+                  f"| {fmt(r['sealed_rps'], 1)} @{r['concurrency']} "
+                  f"| {fmt(r['throughput_ratio'], 3)} "
+                  f"| {fmt(r.get('sealed_loaded_ms_p50'), 2)} / "
+                  f"{fmt(r.get('sealed_loaded_ms_p99'), 2)} "
+                  f"| {fmt(r['sealed_ms_p50'], 2)} |")
     print()
     print("| model | stages | slowest ready ms | cold/plain (worst stage) "
           "| cold/plain in a fresh process (worst stage) | whole-model plain load ms "

@@ -180,6 +180,76 @@ fn bench_json_reports_every_field_for_each_stage_count() {
         } else {
             assert!(cut > 0, "two stages: activations cross the cut");
         }
+        assert_cpu_per_request(report, stages);
+        let (p50, p99) = (
+            number(report, "sealed_loaded_ms_p50"),
+            number(report, "sealed_loaded_ms_p99"),
+        );
+        assert!(p50 > 0.0 && p99 >= p50, "under load p50 {p50} p99 {p99}");
+        // Unbatched: every run held one request.
+        assert_eq!(report["max_batch"], 1);
+        assert_eq!(number(report, "mean_batch"), 1.0);
+    }
+}
+
+/// CPU per request by process: numbers, one per stage, adding up to the sealed total.
+fn assert_cpu_per_request(report: &Value, stages: usize) {
+    let cpu = &report["cpu_ms_per_request"];
+    let per_stage = numbers(cpu, "stages");
+    assert_eq!(per_stage.len(), stages);
+    let parts = [number(cpu, "client"), number(cpu, "coordinator")];
+    assert!(parts.iter().chain(&per_stage).all(|&ms| ms >= 0.0), "{cpu}");
+    let sum = parts.iter().sum::<f64>() + per_stage.iter().sum::<f64>();
+    let sealed = number(cpu, "sealed");
+    assert!((sealed - sum).abs() <= 1e-9 * sum.max(1.0), "{cpu}");
+    assert!(number(cpu, "plain") >= 0.0, "{cpu}");
+}
+
+#[test]
+fn max_batch_measures_the_batched_pipeline_beside_the_unbatched_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("rows.onnx");
+    // One row per request, so the stage can batch.
+    let mlp = models::Mlp {
+        batch: 1,
+        ..Default::default()
+    };
+    std::fs::write(&model, models::mlp(&mlp)).unwrap();
+    let reports = bench(&[
+        "--model",
+        model.to_str().unwrap(),
+        "--stages",
+        "1",
+        "--max-batch",
+        "4",
+        "--requests",
+        "8",
+        "--warmup",
+        "1",
+        "--concurrency",
+        "4",
+        "--plain-parallelism",
+        "1",
+        "--batch-probe",
+        "0",
+    ]);
+    let models: Vec<&Value> = reports.iter().map(|r| &r["model"]).collect();
+    assert_eq!(models, ["rows-s1", "rows-s1-b4"], "unbatched, then batched");
+    for (report, max_batch) in reports.iter().zip([1, 4]) {
+        assert_eq!(report["max_batch"], max_batch);
+        let diff = number(report, "max_abs_diff");
+        assert!(
+            diff <= 1e-4,
+            "{}: sealed differs from plain by {diff}",
+            report["model"]
+        );
+        // Requests per run, from the function's log: within what the stage allows.
+        let mean = number(report, "mean_batch");
+        assert!(
+            (1.0..=f64::from(max_batch)).contains(&mean),
+            "mean batch {mean}"
+        );
+        assert_cpu_per_request(report, 1);
     }
 }
 
