@@ -354,23 +354,22 @@ pub fn multi_cross() -> Vec<u8> {
 /// [1,8] through MatMul, then Softmax over axis 0 (the batch axis), output `y` [1,8]. Run
 /// one request at a time it is a constant 1; stacked, each row depends on the others.
 pub fn batch_rows_mixed() -> Vec<u8> {
-    let mut g = GraphWriter::new("batch_rows_mixed", 41);
-    let x = g.input("x", &[1, 8]);
-    let w = g.layer_weight("w", &[8, 8], 8);
-    let product = g.node("MatMul", &[&x, &w], "product", vec![]);
-    g.node("Softmax", &[&product], "y", vec![int("axis", 0)]);
-    g.output("y", &[1, 8]);
-    g.finish()
+    matmul_then("batch_rows_mixed", 41, "Softmax")
 }
 
 /// A layer that folds the batch axis away: `x` [1,8] through MatMul, then Flatten at axis
 /// 0, output `y` [1,8] ([1, 8 x rows] for stacked rows).
 pub fn batch_axis_flattened() -> Vec<u8> {
-    let mut g = GraphWriter::new("batch_axis_flattened", 43);
+    matmul_then("batch_axis_flattened", 43, "Flatten")
+}
+
+/// `x` [1,8] through an 8x8 MatMul, then `op` with `axis` 0, as output `y` [1,8].
+fn matmul_then(name: &str, seed: u64, op: &str) -> Vec<u8> {
+    let mut g = GraphWriter::new(name, seed);
     let x = g.input("x", &[1, 8]);
     let w = g.layer_weight("w", &[8, 8], 8);
     let product = g.node("MatMul", &[&x, &w], "product", vec![]);
-    g.node("Flatten", &[&product], "y", vec![int("axis", 0)]);
+    g.node(op, &[&product], "y", vec![int("axis", 0)]);
     g.output("y", &[1, 8]);
     g.finish()
 }
