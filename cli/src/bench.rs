@@ -410,7 +410,7 @@ async fn bench(args: &BenchArgs) -> anyhow::Result<()> {
     }
 
     say("starting the quoting agent, the key broker and the coordinator");
-    let mut stack = Stack::start(&state, &[owner.verifying_key()], None).await?;
+    let mut stack = Stack::start(&state, &[owner.verifying_key()], None, None).await?;
     // One replica per stage, kept for the whole run: see the module doc.
     stack.add_coordinator_args(
         [

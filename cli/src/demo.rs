@@ -139,7 +139,7 @@ async fn demo(args: &DemoArgs) -> anyhow::Result<DemoReport> {
         .sum();
 
     say("2/5 starting the quoting agent and the key broker");
-    let mut stack = Stack::start(&state, &[owner.verifying_key()], None).await?;
+    let mut stack = Stack::start(&state, &[owner.verifying_key()], None, None).await?;
     let result = async {
         say("3/5 registering the model and its release policy with the broker");
         let stages = register(&stack, &owner, &out, stage_count).await?;

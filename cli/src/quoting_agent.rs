@@ -35,6 +35,12 @@ pub(crate) struct QuotingAgentArgs {
     /// its group (run functions in that group and the agent as its own user).
     #[arg(long, value_name = "OCTAL", default_value = "600", value_parser = parse_mode)]
     socket_mode: u32,
+
+    /// Measure this executable at start (repeatable): the function binary this host runs,
+    /// so that its first function does not wait for the hash. A file that changes
+    /// afterwards is measured again on its first quote, as any new file.
+    #[arg(long, value_name = "FILE")]
+    prewarm: Vec<PathBuf>,
 }
 
 fn parse_mode(text: &str) -> Result<u32, String> {
@@ -94,6 +100,23 @@ pub(crate) fn run(args: QuotingAgentArgs) -> anyhow::Result<()> {
         );
     }
 
+    let agent = QuotingAgent::new(key);
+    for program in &args.prewarm {
+        let started = std::time::Instant::now();
+        // A function binary that is missing now may be installed later: its first quote
+        // measures it then.
+        match agent.prewarm(program) {
+            Ok(measurement) => tracing::info!(
+                file = %program.display(), %measurement,
+                ms = started.elapsed().as_secs_f64() * 1e3,
+                "executable measured ahead of its first quote"
+            ),
+            Err(e) => {
+                tracing::warn!(file = %program.display(), error = %e, "executable not measured ahead")
+            }
+        }
+    }
+
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -115,7 +138,7 @@ pub(crate) fn run(args: QuotingAgentArgs) -> anyhow::Result<()> {
             }
             println!("stopping");
         };
-        QuotingAgent::new(key).run(listener, shutdown).await;
+        agent.run(listener, shutdown).await;
         // Dropping the socket guard removes the socket file.
         drop(socket);
         Ok(())

@@ -104,11 +104,14 @@ const START_TIMEOUT: Duration = Duration::from_secs(60);
 impl Stack {
     /// Creates what is missing in the state folder and starts the quoting agent and the
     /// key broker, which trusts `owner_keys` for its owner API and leases keys to functions
-    /// for `token_lifetime_ms` (the broker's default if `None`).
+    /// for `token_lifetime_ms` (the broker's default if `None`). The agent measures the
+    /// functions' executable as it starts: `function_program`, or this executable (whose
+    /// `function` subcommand functions run by default).
     pub(crate) async fn start(
         state: &Path,
         owner_keys: &[VerifyingKey],
         token_lifetime_ms: Option<u64>,
+        function_program: Option<&Path>,
     ) -> anyhow::Result<Self> {
         let layout = Layout::new(state);
         for dir in [layout.broker(), layout.store(), layout.logs()] {
@@ -122,6 +125,7 @@ impl Stack {
         )?;
         let pki = Pki::open_or_create(&layout.pki()).context("creating the local PKI")?;
         let mut supervisor = Supervisor::new(&layout.logs(), &layout.hold())?;
+        let function_program = function_program.unwrap_or(supervisor.exe()).to_owned();
 
         supervisor
             .start(
@@ -132,6 +136,8 @@ impl Stack {
                     layout.agent_socket().display().to_string(),
                     "--key".into(),
                     layout.platform_key().display().to_string(),
+                    "--prewarm".into(),
+                    function_program.display().to_string(),
                 ],
                 START_TIMEOUT,
             )

@@ -1,6 +1,6 @@
 //! `shardseal up`: the embedded default, every service of ShardSeal on this machine.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -87,7 +87,14 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         ));
     }
     std::fs::create_dir_all(&args.state)?;
-    let mut stack = Stack::start(&args.state, &owners, args.token_lifetime_ms).await?;
+    let function_program = args.function_command.first().map(Path::new);
+    let mut stack = Stack::start(
+        &args.state,
+        &owners,
+        args.token_lifetime_ms,
+        function_program,
+    )
+    .await?;
     let started = async {
         if !args.function_command.is_empty() {
             stack.use_function_command(args.function_command.clone())?;

@@ -15,6 +15,7 @@ use tokio::task::JoinSet;
 
 use crate::error::AttestationError;
 use crate::evidence::{Evidence, Quote, TeeKind};
+use crate::ids::Measurement;
 use crate::software::PlatformKey;
 use crate::software::caller::{CallerIdentity, MeasurementCache};
 use crate::software::protocol;
@@ -65,6 +66,15 @@ impl QuotingAgent {
     pub fn max_connections(mut self, max: usize) -> Self {
         self.max_connections = max.max(1);
         self
+    }
+
+    /// Measures the executable at `path` now, before any quote asks for it, so that the
+    /// first function running it does not wait for its hash (a cold start's largest fixed
+    /// cost on a big executable). Blocks for a read and SHA-256 of the whole file. A
+    /// function running that very file is then measured from the cache; any change to the
+    /// file gives it a new identity, hashed on its quote as usual.
+    pub fn prewarm(&self, path: &Path) -> std::io::Result<Measurement> {
+        self.measurements.prewarm(path)
     }
 
     /// Serves `listener` until `shutdown` completes, then stops accepting and lets the

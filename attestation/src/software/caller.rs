@@ -106,6 +106,37 @@ impl MeasurementCache {
         map.get(identity).copied()
     }
 
+    /// Measures the executable open as `file`, from the cache if this very file was hashed
+    /// before, else by hashing it and, if it did not change while it was read, remembering
+    /// the result. `Ok(None)`: it changed meanwhile, and what was hashed is no version of it.
+    fn measure_open_file(&self, file: &mut File) -> io::Result<Option<Measurement>> {
+        let before = ExecutableIdentity::of(&file.metadata()?);
+        if let Some(measurement) = self.get(&before) {
+            return Ok(Some(measurement));
+        }
+        let measurement = hash_file(file)?;
+        self.hashes.fetch_add(1, Ordering::Relaxed);
+        if ExecutableIdentity::of(&file.metadata()?) != before {
+            return Ok(None);
+        }
+        self.insert(before, measurement);
+        Ok(Some(measurement))
+    }
+
+    /// Measures the executable at `path` ahead of any quote, so that the first function
+    /// running it does not wait for the hash. The cache key is the file's identity, as for
+    /// a caller's executable: a function running this very file finds it; a changed or
+    /// replaced file does not match and is hashed on its quote.
+    pub(crate) fn prewarm(&self, path: &std::path::Path) -> io::Result<Measurement> {
+        self.measure_open_file(&mut File::open(path)?)?
+            .ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::Interrupted,
+                    "the file changed while it was read",
+                )
+            })
+    }
+
     fn insert(&self, identity: ExecutableIdentity, measurement: Measurement) {
         let mut map = self.measurements.lock().unwrap_or_else(|e| e.into_inner());
         if map.len() >= MEASUREMENT_CACHE_ENTRIES {
@@ -188,26 +219,12 @@ impl CallerIdentity {
         // Opening the magic link opens the very file the process runs, even if its path
         // has since been renamed or replaced; the open file cannot change under us.
         let mut exe = File::open(proc_path(pid, "exe")).map_err(not_measurable(pid))?;
-        let before = ExecutableIdentity::of(&exe.metadata().map_err(not_measurable(pid))?);
-        let opened = FileId {
-            dev: before.dev,
-            ino: before.ino,
-        };
-        let measurement = match cache.get(&before) {
-            Some(measurement) => measurement,
-            None => {
-                let measurement = hash_file(&mut exe).map_err(not_measurable(pid))?;
-                cache.hashes.fetch_add(1, Ordering::Relaxed);
-                let after = ExecutableIdentity::of(&exe.metadata().map_err(not_measurable(pid))?);
-                if after != before {
-                    // The file changed while it was read: what was hashed is no version
-                    // of it.
-                    return Err(AttestationError::CallerChanged { pid });
-                }
-                cache.insert(before, measurement);
-                measurement
-            }
-        };
+        let opened = FileId::of(&exe.metadata().map_err(not_measurable(pid))?);
+        let measurement = cache
+            .measure_open_file(&mut exe)
+            .map_err(not_measurable(pid))?
+            // The file changed while it was read: what was hashed is no version of it.
+            .ok_or(AttestationError::CallerChanged { pid })?;
         let status = fs::read_to_string(proc_path(pid, "status")).map_err(not_measurable(pid))?;
         match parse_tracer_pid(&status) {
             Some(0) => {}
@@ -340,6 +357,42 @@ mod tests {
     fn measure_child(child: &std::process::Child, cache: &MeasurementCache) -> Measurement {
         let pid = i32::try_from(child.id()).unwrap();
         CallerIdentity::of(pid).unwrap().measure(cache).unwrap()
+    }
+
+    #[test]
+    fn a_prewarmed_executable_is_not_hashed_again_for_its_first_caller() {
+        let dir = tempfile::tempdir().unwrap();
+        let program = dir.path().join("sleeper");
+        fs::copy("/bin/sleep", &program).unwrap();
+        let cache = MeasurementCache::default();
+        let prewarmed = cache.prewarm(&program).unwrap();
+        let expected = digest::digest(&digest::SHA256, &fs::read(&program).unwrap());
+        assert_eq!(prewarmed.0.as_slice(), expected.as_ref());
+        assert_eq!(cache.hashes(), 1);
+
+        let mut child = spawn_running(&program, &["30"]);
+        assert_eq!(measure_child(&child, &cache), prewarmed);
+        assert_eq!(
+            cache.hashes(),
+            1,
+            "the caller found the prewarmed measurement"
+        );
+        child.kill().unwrap();
+        child.wait().unwrap();
+
+        // A file changed after it was prewarmed is another identity: hashed on its quote.
+        {
+            use std::io::Write;
+            let mut file = fs::OpenOptions::new().append(true).open(&program).unwrap();
+            file.write_all(&[0]).unwrap();
+        }
+        let mut changed = spawn_running(&program, &["30"]);
+        assert_ne!(measure_child(&changed, &cache), prewarmed);
+        assert_eq!(cache.hashes(), 2);
+        changed.kill().unwrap();
+        changed.wait().unwrap();
+
+        assert!(cache.prewarm(&dir.path().join("missing")).is_err());
     }
 
     #[test]
