@@ -3,13 +3,13 @@
 //! ties the JSON log lines of the coordinator and of every function together.
 
 use std::collections::BTreeSet;
-use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 use shardseal_keys::{RequestId, seal_activation};
 use shardseal_proto::tensor::{HostTensor, encode_bundle};
 use shardseal_proto::v1::InferRequest;
 use shardseal_testkit::cluster::Cluster;
+use shardseal_testkit::metrics::scrape;
 use shardseal_testkit::models;
 use shardseal_testkit::sealed::request_header;
 
@@ -298,19 +298,6 @@ fn assert_only_safe_labels(text: &str) {
             assert!(ok, "unexpected label {name}={value} in {line}");
         }
     }
-}
-
-fn scrape(addr: &str) -> String {
-    let mut stream = std::net::TcpStream::connect(addr).unwrap();
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n")
-        .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    let (head, body) = response.split_once("\r\n\r\n").expect("HTTP response");
-    assert!(head.starts_with("HTTP/1.1 200 OK"), "{head}");
-    assert!(head.contains("text/plain; version=0.0.4"), "{head}");
-    body.to_owned()
 }
 
 fn json_lines(path: &Path) -> Vec<serde_json::Value> {

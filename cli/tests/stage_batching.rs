@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use shardseal_function::StageEngine;
 use shardseal_testkit::cluster::Cluster;
+use shardseal_testkit::metrics::scrape;
 use shardseal_testkit::models::{self, Mlp};
 use shardseal_testkit::sealed::{inputs_for, max_abs_diff};
 
@@ -19,24 +20,47 @@ fn shardseal() -> &'static Path {
 /// Requests sent at once in a wave.
 const WAVE: u64 = 24;
 
-/// The logs of the functions that serve `model` (each function serves one model, which
-/// its `cold start` line names), concatenated.
-fn logs_of(cluster: &Cluster, model: &str) -> String {
-    let logs = cluster.state().join("logs");
-    std::fs::read_dir(logs)
-        .unwrap()
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().starts_with("function-"))
-        .map(|e| std::fs::read_to_string(e.path()).unwrap())
+/// The log of each function that serves `model` (each function serves one stage of one
+/// model, which its `cold start` line names).
+fn function_logs_of(cluster: &Cluster, model: &str) -> Vec<String> {
+    cluster
+        .each_function_log()
+        .into_iter()
         .filter(|log| log.contains(&format!("cold start model={model} ")))
         .collect()
+}
+
+/// The logs of `model`'s functions, concatenated.
+fn logs_of(cluster: &Cluster, model: &str) -> String {
+    function_logs_of(cluster, model).concat()
+}
+
+/// The log of the function that serves `stage` of `model`.
+fn log_of_stage(cluster: &Cluster, model: &str, stage: u32) -> String {
+    function_logs_of(cluster, model)
+        .into_iter()
+        .find(|log| log.contains(&format!("cold start model={model} stage={stage} ")))
+        .unwrap_or_else(|| panic!("no function log for {model} stage {stage}"))
+}
+
+/// The metrics address a function logged (`metrics endpoint addr=...`).
+fn metrics_addr(log: &str) -> String {
+    log.lines()
+        .filter(|l| l.contains("metrics endpoint"))
+        .find_map(|l| l.split_whitespace().find_map(|t| t.strip_prefix("addr=")))
+        .map(|a| a.trim_end_matches(|c: char| !c.is_ascii_digit()).to_owned())
+        .unwrap_or_else(|| panic!("no metrics endpoint in:\n{log}"))
 }
 
 /// The batch sizes of the `processed` lines of `model`'s functions (one line per request
 /// and stage).
 fn batches(cluster: &Cluster, model: &str) -> Vec<usize> {
-    logs_of(cluster, model)
-        .lines()
+    batch_sizes(&logs_of(cluster, model))
+}
+
+/// The batch sizes of the `processed` lines of `log`.
+fn batch_sizes(log: &str) -> Vec<usize> {
+    log.lines()
         .filter(|l| l.contains(" processed"))
         .map(|l| {
             let at = l.find(" batch=").expect("a processed line names its batch") + 7;
@@ -71,7 +95,7 @@ async fn wave(client: &Arc<shardseal_sdk::Client>, engine: &Arc<StageEngine>, mo
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn requests_waiting_at_a_stage_run_as_one_batch_and_each_gets_its_own_answer() {
-    let cluster = Cluster::start_with(
+    let cluster = Cluster::start_with_env(
         shardseal(),
         &[
             "--max-batch",
@@ -84,6 +108,8 @@ async fn requests_waiting_at_a_stage_run_as_one_batch_and_each_gets_its_own_answ
             "--max-replicas",
             "1",
         ],
+        // With metrics on, the coordinator gives each function an endpoint of its own.
+        vec![("SHARDSEAL_COORDINATOR_METRICS_LISTEN", "127.0.0.1:0".into())],
     )
     .await;
     let mlp = models::mlp(&Mlp {
@@ -120,6 +146,30 @@ async fn requests_waiting_at_a_stage_run_as_one_batch_and_each_gets_its_own_answ
         seen.iter().max(),
         seen.len() as f64 / seen.iter().map(|&b| 1.0 / b as f64).sum::<f64>()
     );
+
+    // Each stage's function counts its runs and their requests.
+    for stage in 0..2 {
+        let log = log_of_stage(&cluster, "batched", stage);
+        let sizes: Vec<f64> = batch_sizes(&log).into_iter().map(|b| b as f64).collect();
+        let runs: f64 = sizes.iter().map(|b| 1.0 / b).sum();
+        let metrics = scrape(&metrics_addr(&log));
+        let series = |suffix: &str| {
+            let name = format!(
+                "shardseal_function_batch_requests_{suffix}{{model=\"batched\",stage=\"{stage}\"}} "
+            );
+            metrics
+                .lines()
+                .find_map(|l| l.strip_prefix(&name))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .unwrap_or_else(|| panic!("no {name} in:\n{metrics}"))
+        };
+        assert_eq!(
+            series("sum"),
+            sizes.len() as f64,
+            "requests at stage {stage}"
+        );
+        assert_eq!(series("count"), runs.round(), "runs at stage {stage}");
+    }
 
     // The same model deployed without --max-batch runs one request at a time.
     wave(&client, &mlp_engine, "unbatched", 0).await;

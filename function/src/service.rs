@@ -243,6 +243,9 @@ async fn blocking<T: Send + 'static>(
         .map_err(|_| Error::Inference("the stage's worker failed".into()))?
 }
 
+/// Bucket bounds of `shardseal_function_batch_requests`: requests per run.
+const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
+
 /// Gathers the requests waiting for a batching stage into runs of up to
 /// [`StageEngine::max_batch`](crate::StageEngine::max_batch) requests, one run at a time.
 ///
@@ -283,6 +286,17 @@ impl Batcher {
     /// Runs `jobs` as one batch and answers each.
     fn run_jobs(stage: &AttestedStage, jobs: Vec<BatchJob>) {
         let batch = jobs.len();
+        shardseal_proto::metrics::global()
+            .histogram(
+                "shardseal_function_batch_requests",
+                "Requests per run of a batching stage (one observation per run).",
+                BATCH_BUCKETS,
+                &[
+                    ("model", stage.model.as_str()),
+                    ("stage", &stage.stage.0.to_string()),
+                ],
+            )
+            .observe(batch as f64);
         let (inputs, answers): (Vec<_>, Vec<_>) =
             jobs.into_iter().map(|job| (job.inputs, job.done)).unzip();
         let t = Instant::now();

@@ -170,6 +170,11 @@ impl Cluster {
 
     /// Every function log of the deployment so far, concatenated.
     pub fn function_logs(&self) -> String {
+        self.each_function_log().concat()
+    }
+
+    /// Every function log of the deployment so far, one string per function process.
+    pub fn each_function_log(&self) -> Vec<String> {
         std::fs::read_dir(self.state().join("logs"))
             .expect("the logs folder")
             .flatten()

@@ -4,6 +4,7 @@
 
 pub mod canary;
 pub mod cluster;
+pub mod metrics;
 pub mod models;
 pub mod s3;
 pub mod sealed;

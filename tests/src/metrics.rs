@@ -1,0 +1,20 @@
+//! Reading a Prometheus endpoint the way a scraper does.
+
+use std::io::{Read, Write};
+
+/// The body of `GET /metrics` from the endpoint at `addr`, after checking that the answer
+/// is `200 OK` in the text exposition format.
+pub fn scrape(addr: &str) -> String {
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect to the metrics endpoint");
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n")
+        .expect("send the request");
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .expect("read the response");
+    let (head, body) = response.split_once("\r\n\r\n").expect("HTTP response");
+    assert!(head.starts_with("HTTP/1.1 200 OK"), "{head}");
+    assert!(head.contains("text/plain; version=0.0.4"), "{head}");
+    body.to_owned()
+}
