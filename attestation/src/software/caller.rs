@@ -359,11 +359,24 @@ mod tests {
         CallerIdentity::of(pid).unwrap().measure(cache).unwrap()
     }
 
-    #[test]
-    fn a_prewarmed_executable_is_not_hashed_again_for_its_first_caller() {
+    /// A copy of `/bin/sleep` in a folder of its own, so that tests may change it.
+    fn sleeper() -> (tempfile::TempDir, PathBuf) {
         let dir = tempfile::tempdir().unwrap();
         let program = dir.path().join("sleeper");
         fs::copy("/bin/sleep", &program).unwrap();
+        (dir, program)
+    }
+
+    /// Appends one byte to `program` in place (same inode, new size, mtime and ctime).
+    fn append_a_byte(program: &std::path::Path) {
+        use std::io::Write;
+        let mut file = fs::OpenOptions::new().append(true).open(program).unwrap();
+        file.write_all(&[0]).unwrap();
+    }
+
+    #[test]
+    fn a_prewarmed_executable_is_not_hashed_again_for_its_first_caller() {
+        let (dir, program) = sleeper();
         let cache = MeasurementCache::default();
         let prewarmed = cache.prewarm(&program).unwrap();
         let expected = digest::digest(&digest::SHA256, &fs::read(&program).unwrap());
@@ -381,11 +394,7 @@ mod tests {
         child.wait().unwrap();
 
         // A file changed after it was prewarmed is another identity: hashed on its quote.
-        {
-            use std::io::Write;
-            let mut file = fs::OpenOptions::new().append(true).open(&program).unwrap();
-            file.write_all(&[0]).unwrap();
-        }
+        append_a_byte(&program);
         let mut changed = spawn_running(&program, &["30"]);
         assert_ne!(measure_child(&changed, &cache), prewarmed);
         assert_eq!(cache.hashes(), 2);
@@ -397,9 +406,7 @@ mod tests {
 
     #[test]
     fn the_same_executable_is_hashed_once_and_a_modified_copy_again() {
-        let dir = tempfile::tempdir().unwrap();
-        let program = dir.path().join("sleeper");
-        fs::copy("/bin/sleep", &program).unwrap();
+        let (_dir, program) = sleeper();
         let cache = MeasurementCache::default();
 
         let mut first = spawn_running(&program, &["30"]);
@@ -421,11 +428,7 @@ mod tests {
 
         // Modify the same file in place (same inode): one byte appended to the ELF.
         let inode = fs::metadata(&program).unwrap().ino();
-        {
-            use std::io::Write;
-            let mut file = fs::OpenOptions::new().append(true).open(&program).unwrap();
-            file.write_all(&[0]).unwrap();
-        }
+        append_a_byte(&program);
         assert_eq!(fs::metadata(&program).unwrap().ino(), inode);
         let mut modified = spawn_running(&program, &["30"]);
         let changed = measure_child(&modified, &cache);
@@ -440,9 +443,7 @@ mod tests {
     #[test]
     fn an_in_place_rewrite_that_restores_size_and_mtime_is_hashed_again() {
         // Same size, mtime set back: only ctime tells the files apart.
-        let dir = tempfile::tempdir().unwrap();
-        let program = dir.path().join("sleeper");
-        fs::copy("/bin/sleep", &program).unwrap();
+        let (_dir, program) = sleeper();
         let cache = MeasurementCache::default();
         let mut child = spawn_running(&program, &["30"]);
         let original = measure_child(&child, &cache);
