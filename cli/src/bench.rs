@@ -390,21 +390,24 @@ async fn bench(args: &BenchArgs) -> anyhow::Result<()> {
 
     let owner = OwnerKeyStore::init(&layout.owner()).context("creating the owner's key store")?;
     let mut variants = Vec::new();
-    let batch_sizes: &[u16] = if args.max_batch > 1 && !args.routing {
-        &[1, args.max_batch]
-    } else {
-        &[1]
-    };
     for &n in &args.stages {
-        for &max_batch in batch_sizes {
-            say(&format!(
-                "provisioning {base_id} in {n} stage(s), max batch {max_batch}"
-            ));
-            match provision_variant(&layout, &owner, &model_bytes, &base_id, n, max_batch) {
-                Ok(v) => variants.push(v),
-                Err(e) if args.stages.len() > 1 => eprintln!("skipping {n} stage(s): {e:#}"),
-                Err(e) => return Err(e),
+        say(&format!("provisioning {base_id} in {n} stage(s)"));
+        let variant = match provision_variant(&layout, &owner, &model_bytes, &base_id, n) {
+            Ok(v) => v,
+            Err(e) if args.stages.len() > 1 => {
+                eprintln!("skipping {n} stage(s): {e:#}");
+                continue;
             }
+            Err(e) => return Err(e),
+        };
+        if args.max_batch > 1 && !args.routing {
+            say(&format!(
+                "provisioning {base_id} in {n} stage(s) again, for stage batching"
+            ));
+            let twin = variant.batched_twin(&layout, &owner, &model_bytes, args.max_batch)?;
+            variants.extend([variant, twin]);
+        } else {
+            variants.push(variant);
         }
     }
 
@@ -463,18 +466,18 @@ async fn bench(args: &BenchArgs) -> anyhow::Result<()> {
             say(&format!("measuring {} ({} stage(s))", v.id, v.stages));
             let ready = observe::replicas_ready(&layout.logs().join("coordinator.log"))?;
             let replicas = latest_replica_per_stage(&ready, v.id.as_str());
+            let processes = Processes {
+                replicas: &replicas,
+                coordinator_pid,
+                logs: layout.logs(),
+            };
             let line = if args.routing {
-                let report = measure_routing(args, &client, v, &replicas, coordinator_pid).await?;
+                let report = measure_routing(args, &client, v, &processes).await?;
                 if !args.json {
                     print_routing(&report);
                 }
                 serde_json::to_string(&report)?
             } else {
-                let processes = Processes {
-                    replicas: &replicas,
-                    coordinator_pid,
-                    logs: layout.logs(),
-                };
                 let mut report = measure(args, &client, &plain, plain_load, v, &processes).await?;
                 report.batch_probe = batch.clone();
                 if !args.json {
@@ -547,22 +550,9 @@ fn provision_variant(
     model_bytes: &[u8],
     base_id: &ModelId,
     stages: usize,
-    max_batch: u16,
 ) -> anyhow::Result<Variant> {
-    let id = match max_batch {
-        1 => ModelId::new(format!("{base_id}-s{stages}"))?,
-        n => ModelId::new(format!("{base_id}-s{stages}-b{n}"))?,
-    };
-    let provisioned = provision(ProvisionRequest {
-        model_bytes,
-        model_id: id.clone(),
-        version: ModelVersion(1),
-        options: PlanOptions::fixed(stages),
-        out_dir: &variant_dir(layout, &id),
-        key_store: owner,
-        show_progress: false,
-    })?;
-    let plan = provisioned.plan;
+    let id = ModelId::new(format!("{base_id}-s{stages}"))?;
+    let plan = provision_as(layout, owner, model_bytes, &id, stages)?;
     let mut shard_load = Vec::new();
     let mut shard_fresh_load_ms = Vec::new();
     let mut shard_bytes = Vec::new();
@@ -586,7 +576,7 @@ fn provision_variant(
     let decrypt = measure_decrypt(&largest, &id)?;
     Ok(Variant {
         id,
-        max_batch,
+        max_batch: 1,
         stages: plan.stages().len(),
         plan,
         shard_load,
@@ -594,6 +584,53 @@ fn provision_variant(
         shard_bytes,
         decrypt,
     })
+}
+
+/// Provisions the model as `id` in `stages` stages (plan, seal, store) and returns the plan.
+fn provision_as(
+    layout: &Layout,
+    owner: &OwnerKeyStore,
+    model_bytes: &[u8],
+    id: &ModelId,
+    stages: usize,
+) -> anyhow::Result<Plan> {
+    Ok(provision(ProvisionRequest {
+        model_bytes,
+        model_id: id.clone(),
+        version: ModelVersion(1),
+        options: PlanOptions::fixed(stages),
+        out_dir: &variant_dir(layout, id),
+        key_store: owner,
+        show_progress: false,
+    })?
+    .plan)
+}
+
+impl Variant {
+    /// The same stages provisioned again under their own model id (`ID-bN`), to be
+    /// deployed with `--max-batch ID-bN=N`. The planner is deterministic, so the shards are
+    /// the same plaintext: the owner-side measurements (plain loads, decryption) are this
+    /// variant's, not taken again.
+    fn batched_twin(
+        &self,
+        layout: &Layout,
+        owner: &OwnerKeyStore,
+        model_bytes: &[u8],
+        max_batch: u16,
+    ) -> anyhow::Result<Variant> {
+        let id = ModelId::new(format!("{}-b{max_batch}", self.id))?;
+        let plan = provision_as(layout, owner, model_bytes, &id, self.stages)?;
+        Ok(Variant {
+            id,
+            max_batch,
+            stages: plan.stages().len(),
+            plan,
+            shard_load: self.shard_load.clone(),
+            shard_fresh_load_ms: self.shard_fresh_load_ms.clone(),
+            shard_bytes: self.shard_bytes.clone(),
+            decrypt: self.decrypt,
+        })
+    }
 }
 
 /// How fast a shard opens in memory, GB/s of plaintext, best of three each.
@@ -931,8 +968,7 @@ async fn measure_routing(
     args: &BenchArgs,
     client: &Arc<Client>,
     v: &Variant,
-    replicas: &[&ReplicaReady],
-    coordinator_pid: u32,
+    processes: &Processes<'_>,
 ) -> anyhow::Result<RoutingReport> {
     let model = v.id.as_str();
     let pipeline = client.pipeline(model).await?;
@@ -942,14 +978,13 @@ async fn measure_routing(
     let warmup = args.warmup.max(args.concurrency);
     sealed_throughput(client, model, &inputs, warmup, args.concurrency).await?;
 
-    let cpu = |pid: u32| cpu_seconds(pid).unwrap_or(f64::NAN);
-    let functions_cpu = || replicas.iter().map(|r| cpu(r.pid)).sum::<f64>();
-    let (coordinator_before, functions_before) = (cpu(coordinator_pid), functions_cpu());
-    let client_before = own_cpu_seconds().unwrap_or(f64::NAN);
+    let before = processes.cpu();
     let (rps, mut latencies) =
         sealed_throughput(client, model, &inputs, args.requests, args.concurrency).await?;
+    let mut used = CpuSample::default();
+    used.add_since(&before, &processes.cpu());
     let per_request = |seconds: f64| seconds * 1e6 / args.requests as f64;
-    let coordinator_us = per_request(cpu(coordinator_pid) - coordinator_before);
+    let coordinator_us = per_request(used.coordinator);
     Ok(RoutingReport {
         model: model.to_owned(),
         stages: v.stages,
@@ -958,10 +993,8 @@ async fn measure_routing(
         routing_rps: rps,
         coordinator_cpu_us_per_request: coordinator_us,
         coordinator_rps_per_core: (coordinator_us > 0.0).then(|| 1e6 / coordinator_us),
-        function_cpu_us_per_request: per_request(functions_cpu() - functions_before),
-        client_cpu_us_per_request: per_request(
-            own_cpu_seconds().unwrap_or(f64::NAN) - client_before,
-        ),
+        function_cpu_us_per_request: per_request(used.stages.iter().sum()),
+        client_cpu_us_per_request: per_request(used.client),
         sealed_ms_p50: percentile(&mut latencies, 0.5),
         sealed_ms_p99: percentile(&mut latencies, 0.99),
     })
