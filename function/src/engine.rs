@@ -170,18 +170,12 @@ impl StageEngine {
             )));
         }
         let parsed_at = Instant::now();
-        let (plan, max_batch) = match batchable(&inputs, max_batch) {
-            Ok(()) => {
-                // The batched plan is tried on a copy (the weights are shared, not copied),
-                // kept to plan the stage unbatched should the graph not batch.
-                match plan_batched(model.clone(), &inputs, outputs.len()) {
-                    Ok(plan) => (plan, max_batch),
-                    Err(why) => {
-                        tracing::warn!(%why, "the stage runs requests one by one");
-                        (plan_fixed(model, &inputs)?, 1)
-                    }
-                }
-            }
+        // The batched plan is tried on a copy (the weights are shared, not copied), the
+        // model kept to plan the stage unbatched should the graph not batch.
+        let batched = batchable(&inputs, max_batch)
+            .and_then(|()| plan_batched(model.clone(), &inputs, outputs.len()));
+        let (plan, max_batch) = match batched {
+            Ok(plan) => (plan, max_batch),
             Err(why) => {
                 if max_batch > 1 {
                     tracing::warn!(%why, "the stage runs requests one by one");

@@ -37,11 +37,16 @@ pub(crate) fn inference_slots() -> usize {
 #[derive(Debug, Clone)]
 pub struct StageService {
     stage: Arc<AttestedStage>,
-    /// One permit per inference that may run at once ([`inference_slots`]).
-    inference: Arc<tokio::sync::Semaphore>,
-    /// Requests waiting to run, when the stage batches (see [`Batcher`]); the batcher
-    /// then runs them, and `inference` is unused.
-    batches: Option<mpsc::UnboundedSender<BatchJob>>,
+    runs: Runs,
+}
+
+/// How requests reach the engine.
+#[derive(Debug, Clone)]
+enum Runs {
+    /// Each on its own, holding one of [`inference_slots`] permits.
+    OneByOne(Arc<tokio::sync::Semaphore>),
+    /// Through the stage's [`Batcher`], which runs whatever waits as one batch.
+    Batched(mpsc::UnboundedSender<BatchJob>),
 }
 
 /// One request's opened inputs, and where its outputs go.
@@ -63,17 +68,14 @@ impl StageService {
     /// the stage batches (its batcher runs as a task).
     pub fn new(stage: AttestedStage) -> Self {
         let stage = Arc::new(stage);
-        let inference = Arc::new(tokio::sync::Semaphore::new(inference_slots()));
-        let batches = (stage.engine.max_batch() > 1).then(|| {
+        let runs = if stage.engine.max_batch() > 1 {
             let (queue, waiting) = mpsc::unbounded_channel();
             tokio::spawn(Batcher::run(stage.clone(), waiting));
-            queue
-        });
-        Self {
-            stage,
-            inference,
-            batches,
-        }
+            Runs::Batched(queue)
+        } else {
+            Runs::OneByOne(Arc::new(tokio::sync::Semaphore::new(inference_slots())))
+        };
+        Self { stage, runs }
     }
 
     /// The stage this service serves, shared with the task that renews its key lease.
@@ -417,12 +419,12 @@ impl StageService {
                 Sealed::try_from(s).map_err(|_| Status::invalid_argument("malformed activations"))
             })?;
         let stage = self.stage.clone();
-        let result = match &self.batches {
-            Some(batches) => Self::process_batched(stage, batches, header, sealed).await,
-            None => {
+        let result = match &self.runs {
+            Runs::Batched(batches) => Self::process_batched(stage, batches, header, sealed).await,
+            Runs::OneByOne(slots) => {
                 // Never closed, so acquiring fails only if the semaphore were; held until
                 // the inference ends, even if the caller goes away meanwhile.
-                let slot = Arc::clone(&self.inference)
+                let slot = Arc::clone(slots)
                     .acquire_owned()
                     .await
                     .map_err(|_| Status::internal("the stage's worker failed"))?;
