@@ -5,17 +5,16 @@
 //! genuine shard is back, the same deployment serves correct outputs again.
 
 use std::path::Path;
-use std::time::Duration;
 
 use shardseal_attestation::{ModelId, ModelVersion, StageIndex};
 use shardseal_function::StageEngine;
 use shardseal_keys::broker::OwnerReleasePolicy;
 use shardseal_keys::{DEFAULT_CHUNK_SIZE, ShardBinding, SignedManifest, open_shard, seal_shard};
-use shardseal_sdk::{Client, Error};
+use shardseal_sdk::Client;
 use shardseal_store::StoreKey;
 use shardseal_testkit::cluster::Cluster;
 use shardseal_testkit::models;
-use shardseal_testkit::sealed::{inputs_for, max_abs_diff};
+use shardseal_testkit::sealed::{expect_unavailable, inputs_for, max_abs_diff};
 
 fn shardseal() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_shardseal"))
@@ -25,19 +24,7 @@ fn shardseal() -> &'static Path {
 /// the shard in the message, and `reason` in a function's log.
 async fn refused(cluster: &Cluster, client: &Client, reason: &str) {
     let inputs = inputs_for(client, "mlp", 7).await;
-    let outcome = tokio::time::timeout(Duration::from_secs(120), client.infer("mlp", inputs))
-        .await
-        .expect("the request fails within its time, it does not hang");
-    match outcome {
-        Err(Error::Unavailable(message)) => {
-            assert!(message.contains("stage 1"), "{message}");
-            assert!(
-                !message.contains("chunk"),
-                "no detail to the client: {message}"
-            );
-        }
-        other => panic!("expected Unavailable, got {other:?}"),
-    }
+    expect_unavailable(client, "mlp", inputs, 1, "chunk").await;
     let logs = cluster.function_logs();
     assert!(logs.contains(reason), "the log names {reason:?}:\n{logs}");
 }

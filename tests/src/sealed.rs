@@ -1,11 +1,40 @@
 //! Checks shared by the end-to-end tests: inputs a verified pipeline accepts, request
-//! headers for requests sealed by hand, and how far sealed outputs are from plain tract's.
+//! headers for requests sealed by hand, how far sealed outputs are from plain tract's, and
+//! a request that must fail as unavailable.
 
 use shardseal_keys::{PipelineManifest, RecipientPrivateKey, RequestId};
 use shardseal_proto::tensor::HostTensor;
 use shardseal_proto::v1::RequestHeader;
 
 use crate::models;
+
+/// Sends `inputs` for `model` and expects the request to fail within two minutes (not
+/// hang) as `UNAVAILABLE` naming `stage`, with `hidden` nowhere in the message: the client
+/// learns which stage is unavailable, not why.
+pub async fn expect_unavailable(
+    client: &shardseal_sdk::Client,
+    model: &str,
+    inputs: Vec<HostTensor>,
+    stage: u32,
+    hidden: &str,
+) {
+    let outcome = tokio::time::timeout(
+        std::time::Duration::from_secs(120),
+        client.infer(model, inputs),
+    )
+    .await
+    .expect("the request fails within its time, it does not hang");
+    match outcome {
+        Err(shardseal_sdk::Error::Unavailable(message)) => {
+            assert!(message.contains(&format!("stage {stage}")), "{message}");
+            assert!(
+                !message.contains(hidden),
+                "no detail reaches the client: {message}"
+            );
+        }
+        other => panic!("expected Unavailable, got {other:?}"),
+    }
+}
 
 /// Deterministic f32 inputs for every input the client's verified manifest declares.
 pub async fn inputs_for(client: &shardseal_sdk::Client, model: &str, seed: u64) -> Vec<HostTensor> {
