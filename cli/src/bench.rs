@@ -90,7 +90,11 @@ pub(crate) struct BenchArgs {
     batch_probe: usize,
     /// Also deploy each stage count with stage batching (`--max-batch MODEL=N`) and
     /// measure it beside the unbatched pipeline (1: unbatched only).
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
+    #[arg(
+        long,
+        default_value_t = 1,
+        value_parser = clap::value_parser!(u16).range(1..=i64::from(shardseal_function::MAX_BATCH))
+    )]
     max_batch: u16,
     /// Measure the coordinator alone: routed requests per second and CPU per request.
     #[arg(long)]

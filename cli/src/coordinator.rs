@@ -19,6 +19,7 @@ use shardseal_coordinator::platform::local::{LocalPlatform, LocalPlatformConfig}
 use shardseal_coordinator::platform::memory::MemoryLimit;
 use shardseal_coordinator::router::{Router, RouterConfig};
 use shardseal_coordinator::service::{BrokerCatalog, CoordinatorService, run};
+use shardseal_function::MAX_BATCH;
 use shardseal_keys::VerifyingKey;
 use shardseal_proto::tls::{Pki, Role};
 use shardseal_proto::v1::key_broker_client::KeyBrokerClient;
@@ -323,8 +324,10 @@ fn parse_max_batch(text: &str) -> Result<(ModelId, u16), String> {
         .ok_or_else(|| format!("{text:?}: expected MODEL=N"))?;
     let model = ModelId::new(model).map_err(|e| e.to_string())?;
     match n.parse::<u16>() {
-        Ok(n @ 1..=256) => Ok((model, n)),
-        _ => Err(format!("{text:?}: N must be a whole number from 1 to 256")),
+        Ok(n) if (1..=MAX_BATCH).contains(&n) => Ok((model, n)),
+        _ => Err(format!(
+            "{text:?}: N must be a whole number from 1 to {MAX_BATCH}"
+        )),
     }
 }
 

@@ -65,9 +65,16 @@ pub struct FunctionArgs {
     /// The stage batches only if each of its inputs has a leading axis of 1 and its graph
     /// keeps a batch's rows apart, both checked at load; otherwise it logs why and runs
     /// requests one by one.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
+    #[arg(
+        long,
+        default_value_t = 1,
+        value_parser = clap::value_parser!(u16).range(1..=i64::from(MAX_BATCH))
+    )]
     pub max_batch: u16,
 }
+
+/// The largest `--max-batch` a function takes (and the coordinator passes on).
+pub const MAX_BATCH: u16 = 256;
 
 /// Runs a function until SIGTERM or Ctrl-C.
 pub fn main_with(args: FunctionArgs) -> Result<(), Error> {

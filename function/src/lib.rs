@@ -28,7 +28,7 @@ mod wipe_alloc;
 
 pub use cold_start::{AttestedStage, ColdStartConfig, ColdStartTimings, cold_start, process_age};
 pub use engine::{InputSpec, LoadTimings, StageEngine};
-pub use entry::{FunctionArgs, READY_MARKER, main_with};
+pub use entry::{FunctionArgs, MAX_BATCH, READY_MARKER, main_with};
 pub use hardening::{harden_process, is_dumpable};
 pub use memory::peak_rss_bytes;
 pub use service::{MAX_MESSAGE_BYTES, StageService, run};
