@@ -12,7 +12,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("cargo:rerun-if-changed={}", f.display());
     }
     let descriptors = protox::compile(&files, [root])?;
-    tonic_prost_build::configure().compile_fds(descriptors)?;
+    // Sealed payloads (activations, model inputs and outputs: up to hundreds of MiB) decode
+    // as slices of the received buffer instead of copies, and the coordinator relays them
+    // to the next hop (and keeps them for a retry) without copying them again.
+    tonic_prost_build::configure()
+        .bytes(".shardseal.v1.Sealed")
+        .compile_fds(descriptors)?;
     Ok(())
 }
 

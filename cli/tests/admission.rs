@@ -69,7 +69,7 @@ async fn many_large_requests_are_shed_before_decoding_and_memory_stays_bounded()
         seal_activation(&pipeline.stage0_public_key, &context, b"x")
             .unwrap()
             .into();
-    sealed.ciphertext = vec![0x5a; REQUEST_BYTES];
+    sealed.ciphertext = vec![0x5a; REQUEST_BYTES].into();
     let request = InferRequest {
         header: Some(RequestHeader {
             model_id: pipeline.model_id.to_string(),

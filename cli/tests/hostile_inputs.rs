@@ -402,7 +402,7 @@ async fn oversized_messages_are_refused_and_the_services_keep_serving() {
     // before the body is buffered.
     let mut request = sealed_request(&pipeline, &pipeline.stage0_public_key, b"x");
     if let Some(input) = request.input.as_mut() {
-        input.ciphertext = vec![0u8; 256 << 20];
+        input.ciphertext = vec![0u8; 256 << 20].into();
     }
     let status = raw.infer(request).await.expect_err("a 256 MiB request");
     assert!(

@@ -227,11 +227,12 @@ impl fmt::Debug for Sealed {
     }
 }
 
+/// The wire form takes over the ciphertext's buffer; nothing is copied.
 impl From<Sealed> for shardseal_proto::v1::Sealed {
     fn from(sealed: Sealed) -> Self {
         Self {
-            enc: sealed.enc.to_vec(),
-            ciphertext: sealed.ciphertext,
+            enc: sealed.enc.to_vec().into(),
+            ciphertext: sealed.ciphertext.into(),
         }
     }
 }
@@ -241,7 +242,7 @@ impl TryFrom<shardseal_proto::v1::Sealed> for Sealed {
     fn try_from(wire: shardseal_proto::v1::Sealed) -> Result<Self, Error> {
         let enc = wire
             .enc
-            .as_slice()
+            .as_ref()
             .try_into()
             .map_err(|_| Error::SealedMalformed("enc is not 32 bytes"))?;
         if wire.ciphertext.len() < TAG_LEN {
@@ -249,7 +250,9 @@ impl TryFrom<shardseal_proto::v1::Sealed> for Sealed {
         }
         Ok(Self {
             enc,
-            ciphertext: wire.ciphertext,
+            // A copy when the ciphertext is a slice of a received message, as it was when
+            // the wire form held a `Vec` of its own.
+            ciphertext: wire.ciphertext.into(),
         })
     }
 }

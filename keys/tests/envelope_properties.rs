@@ -94,7 +94,7 @@ proptest! {
         ciphertext in prop::collection::vec(any::<u8>(), 0..64),
     ) {
         let well_formed = enc.len() == PUBLIC_KEY_LEN && ciphertext.len() >= TAG_LEN;
-        let wire = shardseal_proto::v1::Sealed { enc, ciphertext };
+        let wire = shardseal_proto::v1::Sealed { enc: enc.into(), ciphertext: ciphertext.into() };
         match Sealed::try_from(wire.clone()) {
             Ok(sealed) => {
                 prop_assert!(well_formed);

@@ -16,6 +16,10 @@
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
 /// Version 1 of the ShardSeal protocol.
+///
+/// [`Sealed`](v1::Sealed)'s fields are [`bytes::Bytes`]: a received envelope is a slice of
+/// the message it arrived in, and the coordinator passes it on (and keeps it for a retry)
+/// without copying it.
 pub mod v1 {
     #![allow(missing_docs, clippy::all, clippy::pedantic)]
     tonic::include_proto!("shardseal.v1");
@@ -33,3 +37,32 @@ pub mod metrics;
 pub mod request_id;
 pub mod tensor;
 pub mod tls;
+
+#[cfg(test)]
+mod tests {
+    use bytes::BytesMut;
+    use prost::Message;
+
+    use super::v1::{ProcessRequest, Sealed};
+
+    /// tonic decodes a message from the `BytesMut` it received it into; the sealed
+    /// payload must come out as a slice of that buffer, not a copy.
+    #[test]
+    fn a_sealed_payload_decodes_as_a_slice_of_the_received_buffer() {
+        let request = ProcessRequest {
+            header: None,
+            stage: 1,
+            activations: Some(Sealed {
+                enc: vec![1; 32].into(),
+                ciphertext: vec![7; 1 << 20].into(),
+            }),
+        };
+        let mut received = BytesMut::from(&request.encode_to_vec()[..]);
+        let buffer = received.as_ptr_range();
+        let decoded = ProcessRequest::decode(&mut received).unwrap();
+        assert_eq!(decoded, request);
+        let sealed = decoded.activations.unwrap();
+        assert!(buffer.contains(&sealed.ciphertext.as_ptr()));
+        assert!(buffer.contains(&sealed.enc.as_ptr()));
+    }
+}
