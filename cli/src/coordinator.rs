@@ -94,6 +94,11 @@ pub(crate) struct CoordinatorArgs {
 }
 
 pub(crate) fn run_command(args: CoordinatorArgs) -> anyhow::Result<()> {
+    // The coordinator holds no key and no plaintext: it relays sealed activations, so
+    // wiping what it frees would hide nothing, and its buffers are reused request after
+    // request instead of faulted in afresh (see each function's documentation).
+    shardseal_function::WipeOnFree::stop_in_this_process();
+    shardseal_function::keep_freed_memory_for_reuse();
     tokio::runtime::Runtime::new()?.block_on(serve(args))
 }
 

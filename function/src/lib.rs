@@ -30,7 +30,7 @@ pub use cold_start::{AttestedStage, ColdStartConfig, ColdStartTimings, cold_star
 pub use engine::{InputSpec, LoadTimings, StageEngine};
 pub use entry::{FunctionArgs, MAX_BATCH, READY_MARKER, main_with};
 pub use hardening::{harden_process, is_dumpable};
-pub use memory::peak_rss_bytes;
+pub use memory::{keep_freed_memory_for_reuse, peak_rss_bytes};
 pub use service::{MAX_MESSAGE_BYTES, StageService, run};
 pub use wipe_alloc::WipeOnFree;
 

@@ -7,12 +7,20 @@
 //! The cost is one `memset` per freed byte (and a copy on `realloc`, which may no longer
 //! grow in place); `cargo run --release -p shardseal-function --example wipe_cost` prints
 //! it for this machine.
+//!
+//! One executable serves every role, so a process whose memory holds no secret of anyone's
+//! turns wiping off for itself ([`WipeOnFree::stop_in_this_process`]): the coordinator
+//! does, and so relays sealed activations without a memset and a copy per buffer.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// [`System`], wiping each block on free.
 pub struct WipeOnFree;
+
+/// Whether this process wipes what it frees: yes, unless it said otherwise.
+static WIPING: AtomicBool = AtomicBool::new(true);
 
 thread_local! {
     /// Set while [`WipeOnFree::free_unwiped`] drops a value on this thread. A const-
@@ -36,6 +44,22 @@ impl WipeOnFree {
         let _restore = Restore;
         drop(value);
     }
+
+    /// Stops wiping freed memory for the rest of this process's life, and lets `realloc`
+    /// grow blocks in place again.
+    ///
+    /// Only for a process that never holds a key or a plaintext of anyone's: the
+    /// coordinator, which routes activations sealed to the stages and sees only what it
+    /// also logs (model, request id, sizes). Its memory is the platform's to read in
+    /// ShardSeal's threat model, so wiping it would hide nothing; what its TLS handshakes
+    /// derive, rustls wipes itself.
+    pub fn stop_in_this_process() {
+        WIPING.store(false, Ordering::Relaxed);
+    }
+
+    fn wiping() -> bool {
+        WIPING.load(Ordering::Relaxed) && !SKIP_WIPE.try_with(Cell::get).unwrap_or(false)
+    }
 }
 
 // SAFETY: every method forwards to `System` with the caller's layout, as the `GlobalAlloc`
@@ -54,10 +78,9 @@ unsafe impl GlobalAlloc for WipeOnFree {
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        let skip = SKIP_WIPE.try_with(Cell::get).unwrap_or(false);
         // SAFETY: `ptr` is a live block of `layout.size()` bytes owned by the caller.
         unsafe {
-            if !skip {
+            if Self::wiping() {
                 std::ptr::write_bytes(ptr, 0, layout.size());
                 // The pointer escapes, so the compiler cannot drop the stores as dead.
                 std::hint::black_box(ptr);
@@ -67,6 +90,10 @@ unsafe impl GlobalAlloc for WipeOnFree {
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        if !Self::wiping() {
+            // SAFETY: forwarded unchanged; the block came from `System`.
+            return unsafe { System.realloc(ptr, layout, new_size) };
+        }
         // SAFETY: the new layout is valid (same alignment, size checked by the caller per
         // the `realloc` contract); the old block is copied, then wiped and freed.
         unsafe {
