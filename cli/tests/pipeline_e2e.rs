@@ -114,8 +114,9 @@ async fn tampered_and_replayed_activations_are_refused_and_the_function_keeps_se
 
     // Tampered: one bit of the ciphertext flipped.
     let mut tampered = sealed.clone();
-    let last = tampered.ciphertext.len() - 1;
-    tampered.ciphertext[last] ^= 1;
+    let mut ciphertext = tampered.ciphertext.to_vec();
+    *ciphertext.last_mut().unwrap() ^= 1;
+    tampered.ciphertext = ciphertext.into();
     let status = raw
         .infer(InferRequest {
             header: Some(header(request_id)),

@@ -55,7 +55,9 @@ async fn every_request_is_audited_with_metadata_only() {
         .await
         .expect_err("unknown model served");
     assert_eq!(status.code(), tonic::Code::NotFound, "{status:?}");
-    sealed.ciphertext[0] ^= 1;
+    let mut ciphertext = sealed.ciphertext.to_vec();
+    ciphertext[0] ^= 1;
+    sealed.ciphertext = ciphertext.into();
     let status = raw
         .infer(InferRequest {
             header: Some(header("mlp", id)),

@@ -5,10 +5,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use shardseal_keys::{
-    ActivationContext, Direction, RecipientPublicKey, RequestId, Sealed, open_activation,
-    seal_activation,
+    ActivationContext, Direction, RecipientPublicKey, RequestId, Sealed, TAG_LEN, open_activation,
+    seal_activation_in_place,
 };
-use shardseal_proto::tensor::{HostTensor, decode_bundle, encode_bundle};
+use shardseal_proto::tensor::{HostTensor, decode_bundle, encode_bundle_with_spare};
 use shardseal_proto::tls::{Pki, Role};
 use shardseal_proto::v1::stage_function_server::{StageFunction, StageFunctionServer};
 use shardseal_proto::v1::{
@@ -20,8 +20,8 @@ use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
 
-use crate::Error;
 use crate::cold_start::AttestedStage;
+use crate::{Error, WipeOnFree};
 
 /// The largest sealed activation a function accepts (256 MiB).
 pub const MAX_MESSAGE_BYTES: usize = 256 << 20;
@@ -100,7 +100,8 @@ impl StageService {
         let plaintext = open_activation(&stage.stage_key, &inbound, sealed)
             .map_err(|_| Error::ActivationRefused)?;
         let inputs = decode_bundle(plaintext.expose_secret()).map_err(Error::Tensor)?;
-        drop(plaintext);
+        // A `SecretBytes` wipes itself; the allocator need not wipe it a second time.
+        WipeOnFree::free_unwiped(plaintext);
         if stage.stage.0 == 0 {
             // The model's inputs, as the client sent them: the SDK refuses non-finite values
             // before sealing, and so does the first stage for any other client.
@@ -132,7 +133,8 @@ impl StageService {
                 outputs.push(forwarded.clone());
             }
         }
-        drop(inputs);
+        // Tensors wipe their values themselves (here and below).
+        WipeOnFree::free_unwiped(inputs);
         // Only what the next hop needs leaves, in the manifest's order.
         outputs.retain(|o| stage.outputs.iter().any(|n| n == o.name()));
         outputs.sort_by_key(|o| stage.outputs.iter().position(|n| n == o.name()));
@@ -155,9 +157,12 @@ impl StageService {
             hop: stage.stage.0 + 1,
             direction,
         };
-        let bundle = encode_bundle(&outputs);
-        drop(outputs);
-        seal_activation(&recipient, &outbound, &bundle).map_err(Error::Keys)
+        // Encoded once, then encrypted where it lies: the bundle's buffer leaves as the
+        // ciphertext.
+        let mut bundle = encode_bundle_with_spare(&outputs, TAG_LEN);
+        WipeOnFree::free_unwiped(outputs);
+        seal_activation_in_place(&recipient, &outbound, std::mem::take(&mut *bundle))
+            .map_err(Error::Keys)
     }
 
     /// Opens, runs and reseals one request's activations on this thread.

@@ -56,8 +56,8 @@ pub use pipeline::{FunctionToken, PipelineManifest, from_blob, to_blob, verify_p
 pub use seal::{
     ActivationContext, ContextEncoder, Direction, KeyReleaseContext, PUBLIC_KEY_LEN,
     RecipientPrivateKey, RecipientPublicKey, RequestId, Sealed, TAG_LEN, open_activation,
-    open_key_release, open_sealed, open_sealed_bulk, seal_activation, seal_bulk_to,
-    seal_key_release, seal_to,
+    open_key_release, open_sealed, open_sealed_bulk, seal_activation, seal_activation_in_place,
+    seal_bulk_in_place, seal_bulk_to, seal_key_release, seal_to,
 };
 pub use secret::{MasterKey, SecretBytes, ShardKey, ShardKeys};
 pub use shard::{

@@ -66,6 +66,8 @@
 use std::fmt;
 use std::str::FromStr;
 
+use bytes::Bytes;
+
 use hpke::aead::{AeadTag, AesGcm256};
 use hpke::kdf::HkdfSha256;
 use hpke::kem::X25519HkdfSha256;
@@ -207,13 +209,14 @@ impl RecipientPublicKey {
 hex_public_key!(RecipientPublicKey, "X25519 public key");
 
 /// A sealed envelope: the HPKE encapsulated key and the AEAD ciphertext with its tag. It is
-/// `shardseal.v1.Sealed` on the wire.
+/// `shardseal.v1.Sealed` on the wire, and converts to and from it without a copy.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Sealed {
     /// The HPKE encapsulated key (the sender's ephemeral X25519 public key).
     pub enc: [u8; PUBLIC_KEY_LEN],
-    /// The ciphertext, ending with its 16-byte tag.
-    pub ciphertext: Vec<u8>,
+    /// The ciphertext, ending with its 16-byte tag: as received, a slice of the message it
+    /// arrived in.
+    pub ciphertext: Bytes,
 }
 
 impl fmt::Debug for Sealed {
@@ -227,12 +230,11 @@ impl fmt::Debug for Sealed {
     }
 }
 
-/// The wire form takes over the ciphertext's buffer; nothing is copied.
 impl From<Sealed> for shardseal_proto::v1::Sealed {
     fn from(sealed: Sealed) -> Self {
         Self {
-            enc: sealed.enc.to_vec().into(),
-            ciphertext: sealed.ciphertext.into(),
+            enc: Bytes::copy_from_slice(&sealed.enc),
+            ciphertext: sealed.ciphertext,
         }
     }
 }
@@ -250,9 +252,7 @@ impl TryFrom<shardseal_proto::v1::Sealed> for Sealed {
         }
         Ok(Self {
             enc,
-            // A copy when the ciphertext is a slice of a received message, as it was when
-            // the wire form held a `Vec` of its own.
-            ciphertext: wire.ciphertext.into(),
+            ciphertext: wire.ciphertext,
         })
     }
 }
@@ -336,7 +336,10 @@ pub fn seal_to(
 ) -> Result<Sealed, Error> {
     let (enc, mut ctx) = setup_sender(recipient, info)?;
     let ciphertext = ctx.seal(plaintext, aad).map_err(|_| Error::SealFailed)?;
-    Ok(Sealed { enc, ciphertext })
+    Ok(Sealed {
+        enc,
+        ciphertext: ciphertext.into(),
+    })
 }
 
 /// Opens what [`seal_to`] sealed, given the same `info` and `aad`.
@@ -377,23 +380,47 @@ pub fn seal_bulk_to(
     aad: &[u8],
     plaintext: &[u8],
 ) -> Result<Sealed, Error> {
-    let (enc, ctx) = setup_sender(recipient, info)?;
-    let key = aes_256_gcm_key(&*export_bulk_key(|c, out| ctx.export(c, out))?);
-    let mut ciphertext = Vec::with_capacity(plaintext.len() + TAG_LEN);
-    ciphertext.extend_from_slice(plaintext);
+    let mut buffer = Vec::with_capacity(plaintext.len() + TAG_LEN);
+    buffer.extend_from_slice(plaintext);
+    seal_bulk_in_place(recipient, info, aad, buffer)
+}
+
+/// As [`seal_bulk_to`], encrypting `plaintext` where it lies: the buffer becomes the
+/// ciphertext (with room for the tag at the end of its capacity, nothing is moved). On
+/// failure the plaintext is wiped.
+pub fn seal_bulk_in_place(
+    recipient: &RecipientPublicKey,
+    info: &[u8],
+    aad: &[u8],
+    mut buffer: Vec<u8>,
+) -> Result<Sealed, Error> {
+    let key = setup_sender(recipient, info).and_then(|(enc, ctx)| {
+        let key = export_bulk_key(|c, out| ctx.export(c, out))?;
+        Ok((enc, aes_256_gcm_key(&key)))
+    });
+    let (enc, key) = match key {
+        Ok(agreed) => agreed,
+        Err(e) => {
+            buffer.zeroize();
+            return Err(e);
+        }
+    };
     let tag = key
         .seal_in_place_separate_tag(
             Nonce::assume_unique_for_key([0u8; NONCE_LEN]),
             Aad::from(aad),
-            &mut ciphertext,
+            &mut buffer,
         )
         .map_err(|_| {
             // ring refuses only payloads of tens of GiB; do not leave the plaintext behind.
-            ciphertext.zeroize();
+            buffer.zeroize();
             Error::SealFailed
         })?;
-    ciphertext.extend_from_slice(tag.as_ref());
-    Ok(Sealed { enc, ciphertext })
+    buffer.extend_from_slice(tag.as_ref());
+    Ok(Sealed {
+        enc,
+        ciphertext: buffer.into(),
+    })
 }
 
 /// Opens what [`seal_bulk_to`] sealed, given the same `info` and `aad`.
@@ -575,6 +602,21 @@ pub fn seal_activation(
     plaintext: &[u8],
 ) -> Result<Sealed, Error> {
     seal_bulk_to(
+        recipient,
+        ACTIVATION_DOMAIN.as_bytes(),
+        &context.aad(),
+        plaintext,
+    )
+}
+
+/// As [`seal_activation`], encrypting `plaintext` in its own buffer (see
+/// [`seal_bulk_in_place`]): for a payload the caller has just encoded and no longer needs.
+pub fn seal_activation_in_place(
+    recipient: &RecipientPublicKey,
+    context: &ActivationContext,
+    plaintext: Vec<u8>,
+) -> Result<Sealed, Error> {
+    seal_bulk_in_place(
         recipient,
         ACTIVATION_DOMAIN.as_bytes(),
         &context.aad(),

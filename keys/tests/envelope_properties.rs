@@ -59,7 +59,11 @@ fn flip(sealed: &Sealed, at: usize, bit: u8) -> Sealed {
     let at = at % (PUBLIC_KEY_LEN + bad.ciphertext.len());
     match at.checked_sub(PUBLIC_KEY_LEN) {
         None => bad.enc[at] ^= 1 << (bit % 8),
-        Some(i) => bad.ciphertext[i] ^= 1 << (bit % 8),
+        Some(i) => {
+            let mut ciphertext = bad.ciphertext.to_vec();
+            ciphertext[i] ^= 1 << (bit % 8);
+            bad.ciphertext = ciphertext.into();
+        }
     }
     bad
 }
@@ -74,7 +78,7 @@ proptest! {
         activation in activation_context(),
         release in release_context(),
     ) {
-        let sealed = Sealed { enc, ciphertext };
+        let sealed = Sealed { enc, ciphertext: ciphertext.into() };
         let short = sealed.ciphertext.len() < TAG_LEN;
         for result in [
             open_activation(&key(1), &activation, &sealed),

@@ -7,10 +7,10 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use shardseal_attestation::{Measurement, ModelId};
 use shardseal_keys::{
-    PipelineManifest, RecipientPrivateKey, RequestId, Sealed, VerifyingKey, open_activation,
-    seal_activation, verify_pipeline,
+    PipelineManifest, RecipientPrivateKey, RequestId, Sealed, TAG_LEN, VerifyingKey,
+    open_activation, seal_activation_in_place, verify_pipeline,
 };
-use shardseal_proto::tensor::{HostTensor, decode_bundle, encode_bundle};
+use shardseal_proto::tensor::{HostTensor, decode_bundle, encode_bundle_with_spare};
 use shardseal_proto::tls::{Role, client_config_from_ca};
 use shardseal_proto::v1::coordinator_client::CoordinatorClient;
 use shardseal_proto::v1::{GetPipelineRequest, InferRequest, RequestHeader, StageTiming};
@@ -153,11 +153,14 @@ impl Client {
         let response_key =
             RecipientPrivateKey::generate().map_err(|e| Error::Internal(e.to_string()))?;
         let to_stage0 = pipeline.input_context(request_id);
-        let bundle = encode_bundle(&inputs);
+        let mut bundle = encode_bundle_with_spare(&inputs, TAG_LEN);
         drop(inputs);
-        let sealed = seal_activation(&pipeline.stage0_public_key, &to_stage0, &bundle)
-            .map_err(|e| Error::Internal(e.to_string()))?;
-        drop(bundle);
+        let sealed = seal_activation_in_place(
+            &pipeline.stage0_public_key,
+            &to_stage0,
+            std::mem::take(&mut *bundle),
+        )
+        .map_err(|e| Error::Internal(e.to_string()))?;
 
         let mut request = tonic::Request::new(InferRequest {
             header: Some(RequestHeader {

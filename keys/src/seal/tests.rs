@@ -34,6 +34,31 @@ fn activations_round_trip_at_several_sizes() {
 }
 
 #[test]
+fn sealing_in_place_encrypts_the_callers_buffer() {
+    let stage = RecipientPrivateKey::generate().unwrap();
+    for len in [0, 1000, 1 << 20] {
+        let plaintext: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+        let mut buffer = Vec::with_capacity(len + TAG_LEN);
+        buffer.extend_from_slice(&plaintext);
+        let at = buffer.as_ptr();
+        let sealed = seal_activation_in_place(&stage.public_key(), &context(), buffer).unwrap();
+        // With room for the tag, the ciphertext is the caller's buffer: nothing moved.
+        assert_eq!(sealed.ciphertext.as_ptr(), at);
+        assert_eq!(sealed.ciphertext.len(), len + TAG_LEN);
+        let opened = open_activation(&stage, &context(), &sealed).unwrap();
+        assert_eq!(opened.expose_secret(), &plaintext[..]);
+    }
+    // Without room it still seals (the tag moves the buffer).
+    let sealed = seal_activation_in_place(&stage.public_key(), &context(), vec![5; 10]).unwrap();
+    assert_eq!(
+        open_activation(&stage, &context(), &sealed)
+            .unwrap()
+            .expose_secret(),
+        &[5; 10]
+    );
+}
+
+#[test]
 fn each_envelope_uses_a_fresh_encapsulation() {
     let stage = RecipientPrivateKey::generate().unwrap();
     let a = seal_activation(&stage.public_key(), &context(), b"same").unwrap();
@@ -103,7 +128,7 @@ fn any_changed_byte_is_refused() {
     }
     for i in 0..sealed.ciphertext.len() {
         let mut bad = sealed.clone();
-        bad.ciphertext[i] ^= 0x80;
+        bad.ciphertext = xor_byte(&bad.ciphertext, i, 0x80);
         assert!(
             matches!(
                 open_activation(&stage, &context(), &bad),
@@ -113,7 +138,7 @@ fn any_changed_byte_is_refused() {
         );
     }
     let mut cut = sealed.clone();
-    cut.ciphertext.pop();
+    cut.ciphertext.truncate(cut.ciphertext.len() - 1);
     assert!(matches!(
         open_activation(&stage, &context(), &cut),
         Err(Error::OpenFailed)
@@ -152,7 +177,7 @@ fn key_release_round_trips_and_is_bound_to_its_context() {
         ));
     }
     let mut bad = sealed.clone();
-    bad.ciphertext[0] ^= 1;
+    bad.ciphertext = xor_byte(&bad.ciphertext, 0, 1);
     assert!(matches!(
         open_key_release(&ephemeral, &release_context(), &bad),
         Err(Error::OpenFailed)
@@ -292,4 +317,11 @@ fn context_encodings_are_unambiguous() {
         [0, 0, 0, 1, b'd', 0, 0, 0, 4, 0, 0, 1, 2]
     );
     assert_ne!(context().aad(), release_context().aad());
+}
+
+/// `bytes` with `mask` xored into byte `at`.
+fn xor_byte(bytes: &[u8], at: usize, mask: u8) -> bytes::Bytes {
+    let mut changed = bytes.to_vec();
+    changed[at] ^= mask;
+    changed.into()
 }
