@@ -68,7 +68,7 @@ fn raw_tensor(
         name: name.into(),
         dtype: dtype.into(),
         shape: shape.to_vec(),
-        data,
+        data: data.into(),
     }
 }
 

@@ -8,7 +8,7 @@ use shardseal_keys::{
     ActivationContext, Direction, RecipientPublicKey, RequestId, Sealed, TAG_LEN, open_activation,
     seal_activation_in_place,
 };
-use shardseal_proto::tensor::{HostTensor, decode_bundle, encode_bundle_with_spare};
+use shardseal_proto::tensor::{HostTensor, decode_bundle_shared, encode_bundle_with_spare};
 use shardseal_proto::tls::{Pki, Role};
 use shardseal_proto::v1::stage_function_server::{StageFunction, StageFunctionServer};
 use shardseal_proto::v1::{
@@ -99,9 +99,9 @@ impl StageService {
         };
         let plaintext = open_activation(&stage.stage_key, &inbound, sealed)
             .map_err(|_| Error::ActivationRefused)?;
-        let inputs = decode_bundle(plaintext.expose_secret()).map_err(Error::Tensor)?;
-        // A `SecretBytes` wipes itself; the allocator need not wipe it a second time.
-        WipeOnFree::free_unwiped(plaintext);
+        // Each tensor's values are copied once, out of the plaintext, which wipes itself
+        // when the decoder lets go of it.
+        let inputs = decode_bundle_shared(plaintext.into_shared()).map_err(Error::Tensor)?;
         if stage.stage.0 == 0 {
             // The model's inputs, as the client sent them: the SDK refuses non-finite values
             // before sealing, and so does the first stage for any other client.

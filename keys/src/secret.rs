@@ -91,6 +91,19 @@ impl SecretBytes {
         self.0.extend_from_slice(bytes);
     }
 
+    /// The bytes as a [`Bytes`](bytes::Bytes) that slices share without copying (a decoder
+    /// reads fields out of it in place); wiped when the last slice drops.
+    pub fn into_shared(self) -> bytes::Bytes {
+        /// Lends the bytes to `Bytes`; dropping it drops (so wipes) the `SecretBytes`.
+        struct Lent(SecretBytes);
+        impl AsRef<[u8]> for Lent {
+            fn as_ref(&self) -> &[u8] {
+                self.0.expose_secret()
+            }
+        }
+        bytes::Bytes::from_owner(Lent(self))
+    }
+
     /// Shortens the buffer, wiping the bytes cut off.
     pub fn truncate(&mut self, len: usize) {
         if len < self.0.len() {

@@ -9,6 +9,7 @@
 
 use std::fmt;
 
+use bytes::Bytes;
 use prost::Message;
 use zeroize::Zeroizing;
 
@@ -284,7 +285,7 @@ pub fn encode_bundle_with_spare(tensors: &[HostTensor], spare: usize) -> Zeroizi
                 name: t.name.clone(),
                 dtype: t.dtype.name().to_owned(),
                 shape: t.shape.iter().map(|&d| d as u64).collect(),
-                data: Vec::new(),
+                data: Bytes::new(),
             }
             .encode_to_vec()
         })
@@ -318,25 +319,34 @@ pub fn encode_bundle_with_spare(tensors: &[HostTensor], spare: usize) -> Zeroizi
 }
 
 /// Decodes and validates a protobuf `TensorBundle` (names unique, dtypes known, data
-/// lengths matching shapes).
+/// lengths matching shapes). The bytes are copied into a buffer wiped on drop first; a
+/// caller that owns its plaintext saves that copy with [`decode_bundle_shared`].
 pub fn decode_bundle(bytes: &[u8]) -> Result<Vec<HostTensor>, TensorError> {
-    let bundle = v1::TensorBundle::decode(bytes).map_err(|_| TensorError::Malformed)?;
+    /// A copy of the caller's bytes, wiped when the decoded fields let go of it.
+    struct Wiped(Zeroizing<Vec<u8>>);
+    impl AsRef<[u8]> for Wiped {
+        fn as_ref(&self) -> &[u8] {
+            &self.0
+        }
+    }
+    decode_bundle_shared(Bytes::from_owner(Wiped(Zeroizing::new(bytes.to_vec()))))
+}
+
+/// As [`decode_bundle`], reading each tensor's values straight out of `plaintext` into the
+/// tensor: one copy. `plaintext` should wipe itself when its last slice drops (an opened
+/// activation's `SecretBytes::into_shared` does); this function holds no other copy.
+pub fn decode_bundle_shared(plaintext: Bytes) -> Result<Vec<HostTensor>, TensorError> {
+    let bundle = v1::TensorBundle::decode(plaintext).map_err(|_| TensorError::Malformed)?;
     let mut out: Vec<HostTensor> = Vec::with_capacity(bundle.tensors.len());
-    let mut pending = bundle.tensors.into_iter();
-    let result = pending.by_ref().try_for_each(|mut t| {
-        let data = std::mem::take(&mut t.data);
+    for mut t in bundle.tensors {
+        let data = std::mem::take(&mut t.data).to_vec();
         let tensor = from_wire(t, data)?;
         if out.iter().any(|o| o.name == tensor.name) {
             return Err(TensorError::DuplicateName(tensor.name.clone()));
         }
         out.push(tensor);
-        Ok(())
-    });
-    // Wipe what was not consumed before the error.
-    for mut t in pending {
-        zeroize::Zeroize::zeroize(&mut t.data);
     }
-    result.map(|()| out)
+    Ok(out)
 }
 
 fn from_wire(t: v1::Tensor, data: Vec<u8>) -> Result<HostTensor, TensorError> {
@@ -405,7 +415,7 @@ mod tests {
                 name: "x".into(),
                 dtype: "f32".into(),
                 shape: vec![u64::MAX, u64::MAX],
-                data: vec![],
+                data: Bytes::new(),
             }],
         };
         assert!(matches!(
@@ -425,7 +435,7 @@ mod tests {
                 name: "x".into(),
                 dtype: "bf16".into(),
                 shape: vec![1],
-                data: vec![0, 0],
+                data: vec![0, 0].into(),
             }],
         };
         assert_eq!(
@@ -445,6 +455,37 @@ mod tests {
         );
     }
 
+    /// The tensors own their values; the shared plaintext is let go of (so wiped by its
+    /// owner) by the time decoding returns, whatever the outcome.
+    #[test]
+    fn shared_decoding_keeps_no_hold_on_the_plaintext() {
+        struct Owner(Vec<u8>, std::sync::Arc<std::sync::atomic::AtomicBool>);
+        impl AsRef<[u8]> for Owner {
+            fn as_ref(&self) -> &[u8] {
+                &self.0
+            }
+        }
+        impl Drop for Owner {
+            fn drop(&mut self) {
+                self.1.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+        let t = HostTensor::from_f32("x", vec![3], &[1.0, 2.0, 3.0]).unwrap();
+        let good = encode_bundle(std::slice::from_ref(&t)).to_vec();
+        let mut duplicate = good.clone();
+        duplicate.extend_from_slice(&good);
+        for (bytes, ok) in [(good, true), (duplicate, false), (vec![0xff; 9], false)] {
+            let dropped = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let plaintext = Bytes::from_owner(Owner(bytes, dropped.clone()));
+            let decoded = decode_bundle_shared(plaintext);
+            assert_eq!(decoded.is_ok(), ok, "{decoded:?}");
+            assert!(dropped.load(std::sync::atomic::Ordering::SeqCst));
+            if let Ok(tensors) = decoded {
+                assert_eq!(tensors, vec![t.clone()]);
+            }
+        }
+    }
+
     proptest! {
         #[test]
         fn decoding_arbitrary_bytes_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
@@ -461,6 +502,20 @@ mod tests {
             let data: Vec<u8> = (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect();
             let t = HostTensor::new("t", dtype, dims, data).unwrap();
             prop_assert_eq!(decode_bundle(&encode_bundle(std::slice::from_ref(&t))).unwrap(), vec![t]);
+        }
+
+        /// Decoding from a shared buffer gives what decoding a copy gives, for any bundle.
+        #[test]
+        fn shared_and_copied_decoding_agree(
+            dims in proptest::collection::vec(0usize..6, 0..4),
+            dtype in proptest::sample::select(DType::ALL.to_vec()),
+        ) {
+            let len = byte_len(dtype, &dims).unwrap();
+            let t = HostTensor::new("t", dtype, dims, (0..len).map(|i| i as u8).collect()).unwrap();
+            let bundle = encode_bundle(std::slice::from_ref(&t));
+            let shared = decode_bundle_shared(Bytes::copy_from_slice(&bundle)).unwrap();
+            prop_assert_eq!(&shared, &decode_bundle(&bundle).unwrap());
+            prop_assert_eq!(shared, vec![t]);
         }
 
         /// The hand-laid encoding is byte for byte what prost writes for the same message,
@@ -491,7 +546,7 @@ mod tests {
                         name: t.name().to_owned(),
                         dtype: t.dtype().name().to_owned(),
                         shape: t.shape().iter().map(|&d| d as u64).collect(),
-                        data: t.data().to_vec(),
+                        data: t.data().to_vec().into(),
                     })
                     .collect(),
             }

@@ -10,7 +10,7 @@ use shardseal_keys::{
     PipelineManifest, RecipientPrivateKey, RequestId, Sealed, TAG_LEN, VerifyingKey,
     open_activation, seal_activation_in_place, verify_pipeline,
 };
-use shardseal_proto::tensor::{HostTensor, decode_bundle, encode_bundle_with_spare};
+use shardseal_proto::tensor::{HostTensor, decode_bundle_shared, encode_bundle_with_spare};
 use shardseal_proto::tls::{Role, client_config_from_ca};
 use shardseal_proto::v1::coordinator_client::CoordinatorClient;
 use shardseal_proto::v1::{GetPipelineRequest, InferRequest, RequestHeader, StageTiming};
@@ -187,7 +187,7 @@ impl Client {
         let to_client = pipeline.output_context(request_id);
         let plaintext = open_activation(&response_key, &to_client, &output)
             .map_err(|_| Error::Untrusted("the output does not open for this request".into()))?;
-        let outputs = decode_bundle(plaintext.expose_secret())
+        let outputs = decode_bundle_shared(plaintext.into_shared())
             .map_err(|e| Error::Untrusted(format!("output: {e}")))?;
         Ok(Inference {
             outputs,
