@@ -17,7 +17,7 @@ use std::fmt;
 use ring::rand::{SecureRandom, SystemRandom};
 use shardseal_attestation::StageIndex;
 use subtle::ConstantTimeEq;
-use zeroize::Zeroize;
+use zeroize::{Zeroize, Zeroizing};
 
 use crate::error::Error;
 
@@ -93,15 +93,9 @@ impl SecretBytes {
 
     /// The bytes as a [`Bytes`](bytes::Bytes) that slices share without copying (a decoder
     /// reads fields out of it in place); wiped when the last slice drops.
-    pub fn into_shared(self) -> bytes::Bytes {
-        /// Lends the bytes to `Bytes`; dropping it drops (so wipes) the `SecretBytes`.
-        struct Lent(SecretBytes);
-        impl AsRef<[u8]> for Lent {
-            fn as_ref(&self) -> &[u8] {
-                self.0.expose_secret()
-            }
-        }
-        bytes::Bytes::from_owner(Lent(self))
+    pub fn into_shared(mut self) -> bytes::Bytes {
+        // The buffer moves, uncopied, into an owner that wipes it on drop.
+        bytes::Bytes::from_owner(Zeroizing::new(std::mem::take(&mut self.0)))
     }
 
     /// Shortens the buffer, wiping the bytes cut off.

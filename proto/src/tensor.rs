@@ -322,14 +322,7 @@ pub fn encode_bundle_with_spare(tensors: &[HostTensor], spare: usize) -> Zeroizi
 /// lengths matching shapes). The bytes are copied into a buffer wiped on drop first; a
 /// caller that owns its plaintext saves that copy with [`decode_bundle_shared`].
 pub fn decode_bundle(bytes: &[u8]) -> Result<Vec<HostTensor>, TensorError> {
-    /// A copy of the caller's bytes, wiped when the decoded fields let go of it.
-    struct Wiped(Zeroizing<Vec<u8>>);
-    impl AsRef<[u8]> for Wiped {
-        fn as_ref(&self) -> &[u8] {
-            &self.0
-        }
-    }
-    decode_bundle_shared(Bytes::from_owner(Wiped(Zeroizing::new(bytes.to_vec()))))
+    decode_bundle_shared(Bytes::from_owner(Zeroizing::new(bytes.to_vec())))
 }
 
 /// As [`decode_bundle`], reading each tensor's values straight out of `plaintext` into the
