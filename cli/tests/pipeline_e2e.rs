@@ -12,7 +12,7 @@ use shardseal_proto::tensor::{HostTensor, encode_bundle};
 use shardseal_proto::v1::{InferRequest, RequestHeader};
 use shardseal_testkit::cluster::Cluster;
 use shardseal_testkit::models;
-use shardseal_testkit::sealed::{inputs_for, max_abs_diff};
+use shardseal_testkit::sealed::{inputs_for, max_abs_diff, tampered};
 
 /// The `shardseal` executable cargo built for these tests.
 fn shardseal() -> &'static Path {
@@ -113,10 +113,7 @@ async fn tampered_and_replayed_activations_are_refused_and_the_function_keeps_se
     assert!(ok.is_ok(), "genuine request refused: {ok:?}");
 
     // Tampered: one bit of the ciphertext flipped.
-    let mut tampered = sealed.clone();
-    let mut ciphertext = tampered.ciphertext.to_vec();
-    *ciphertext.last_mut().unwrap() ^= 1;
-    tampered.ciphertext = ciphertext.into();
+    let tampered = tampered(&sealed, sealed.ciphertext.len() - 1);
     let status = raw
         .infer(InferRequest {
             header: Some(header(request_id)),

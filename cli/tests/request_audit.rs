@@ -9,7 +9,7 @@ use shardseal_proto::v1::InferRequest;
 use shardseal_testkit::canary::holds;
 use shardseal_testkit::cluster::Cluster;
 use shardseal_testkit::models;
-use shardseal_testkit::sealed::{inputs_for, request_header};
+use shardseal_testkit::sealed::{inputs_for, request_header, tampered};
 
 fn shardseal() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_shardseal"))
@@ -41,7 +41,7 @@ async fn every_request_is_audited_with_metadata_only() {
     let header = |model: &str, id: RequestId| request_header(&pipeline, model, id);
     let ghost_id = RequestId::random().unwrap();
     let id = RequestId::random().unwrap();
-    let mut sealed = seal_activation(
+    let sealed = seal_activation(
         &pipeline.stage0_public_key,
         &pipeline.input_context(id),
         &encode_bundle(&[canary]),
@@ -55,9 +55,7 @@ async fn every_request_is_audited_with_metadata_only() {
         .await
         .expect_err("unknown model served");
     assert_eq!(status.code(), tonic::Code::NotFound, "{status:?}");
-    let mut ciphertext = sealed.ciphertext.to_vec();
-    ciphertext[0] ^= 1;
-    sealed.ciphertext = ciphertext.into();
+    let sealed = tampered(&sealed, 0);
     let status = raw
         .infer(InferRequest {
             header: Some(header("mlp", id)),

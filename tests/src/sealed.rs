@@ -2,7 +2,7 @@
 //! headers for requests sealed by hand, how far sealed outputs are from plain tract's, and
 //! a request that must fail as unavailable.
 
-use shardseal_keys::{PipelineManifest, RecipientPrivateKey, RequestId};
+use shardseal_keys::{PipelineManifest, RecipientPrivateKey, RequestId, Sealed};
 use shardseal_proto::tensor::HostTensor;
 use shardseal_proto::v1::RequestHeader;
 
@@ -104,4 +104,14 @@ fn max_diff(
         }
     }
     max
+}
+
+/// `sealed` with bit 0 of its ciphertext's byte `at` flipped: a tampered envelope.
+pub fn tampered(sealed: &Sealed, at: usize) -> Sealed {
+    let mut ciphertext = sealed.ciphertext.to_vec();
+    ciphertext[at] ^= 1;
+    Sealed {
+        enc: sealed.enc,
+        ciphertext: ciphertext.into(),
+    }
 }
