@@ -8,7 +8,6 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use prost::Message;
 use prost::bytes::Buf;
 use shardseal_keys::PlaintextChunk;
 use shardseal_proto::tensor::{DType, HostTensor};
@@ -16,6 +15,7 @@ use tract_onnx::pb;
 use tract_onnx::prelude::*;
 
 use crate::Error;
+use crate::onnx_decode::{Initializer, decode_model};
 
 /// A declared model input: name, element type and fixed shape.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,16 +66,18 @@ impl StageEngine {
     /// As [`StageEngine::load`], with runs of up to `max_batch` requests when the graph
     /// allows it (see [`StageEngine::run_batch`]); [`StageEngine::max_batch`] says whether
     /// it did.
-    pub fn load_batched(onnx: &[u8], max_batch: usize) -> Result<Self, Error> {
-        let proto = pb::ModelProto::decode(onnx)
-            .map_err(|_| Error::ModelLoad("not an ONNX model".into()))?;
-        Ok(Self::from_proto(proto, Instant::now(), max_batch)?.0)
+    pub fn load_batched(mut onnx: &[u8], max_batch: usize) -> Result<Self, Error> {
+        let started = Instant::now();
+        let (proto, initializers) =
+            decode_model(&mut onnx).map_err(|_| Error::ModelLoad("not an ONNX model".into()))?;
+        Ok(Self::from_proto(proto, initializers, started, max_batch)?.0)
     }
 
     /// Loads a decrypted shard given as its verified chunks, in order, freeing each chunk
     /// (wiped) as soon as the protobuf decoder has read past it, so that the plaintext and
-    /// its decoded copy are never both whole in memory. tract cannot parse a partial
-    /// protobuf, so decoding starts only once the whole shard is authenticated.
+    /// its decoded copy are never both whole in memory; each weight is copied once, from
+    /// the chunks into the tensor tract runs with ([`decode_model`]). tract cannot parse a
+    /// partial protobuf, so decoding starts only once the whole shard is authenticated.
     ///
     /// With `max_batch` above 1 the engine runs up to that many requests at once if the
     /// shard's graph batches; otherwise it runs them one by one (and says why in the log).
@@ -85,44 +87,53 @@ impl StageEngine {
     ) -> Result<(Self, LoadTimings), Error> {
         let started = Instant::now();
         let mut plaintext = ConsumedChunks::new(chunks);
-        let proto = pb::ModelProto::decode(&mut plaintext)
+        let (proto, initializers) = decode_model(&mut plaintext)
             .map_err(|_| Error::ModelLoad("not an ONNX model".into()))?;
         drop(plaintext);
-        Self::from_proto(proto, started, max_batch)
+        Self::from_proto(proto, initializers, started, max_batch)
     }
 
-    /// Builds the engine from a decoded model, dropping each large intermediate as soon as
-    /// the next form exists: the proto's weights one by one while they become tract
-    /// tensors, the proto before optimisation, the inference model inside it.
+    /// Builds the engine from a decoded model and its initializers, dropping each large
+    /// intermediate as soon as the next form exists: the proto before optimisation, the
+    /// inference model inside it.
     fn from_proto(
-        mut proto: pb::ModelProto,
+        proto: pb::ModelProto,
+        initializers: Vec<Initializer>,
         started: Instant,
         max_batch: usize,
     ) -> Result<(Self, LoadTimings), Error> {
         let graph = proto
             .graph
-            .as_mut()
+            .as_ref()
             .ok_or_else(|| Error::ModelLoad("the ONNX model has no graph".into()))?;
-        let initializers: std::collections::HashSet<&str> =
-            graph.initializer.iter().map(|t| t.name.as_str()).collect();
+        let initialized: std::collections::HashSet<&str> =
+            initializers.iter().map(Initializer::name).collect();
         let inputs = graph
             .input
             .iter()
-            .filter(|i| !initializers.contains(i.name.as_str()))
+            .filter(|i| !initialized.contains(i.name.as_str()))
             .map(input_spec)
             .collect::<Result<Vec<_>, _>>()?;
         let outputs: Vec<String> = graph.output.iter().map(|o| o.name.clone()).collect();
 
         // tract converts every initializer while it still holds the whole proto, which
-        // would keep two copies of every weight. Convert them here instead, freeing each
-        // proto tensor right after its conversion, and hand tract the graph without them:
-        // the names it then cannot resolve become sources, turned into constants below.
+        // would keep two copies of every weight. They come decoded on their own instead,
+        // and tract gets the graph without them: the names it then cannot resolve become
+        // sources, turned into constants below.
         let onnx = tract_onnx::onnx();
-        let mut weights = HashMap::with_capacity(graph.initializer.len());
-        for tensor in std::mem::take(&mut graph.initializer) {
-            let value = tract_onnx::tensor::load_tensor(&*onnx.provider, &tensor, None)
-                .map_err(|e| Error::ModelLoad(format!("initializer {:?}: {e:#}", tensor.name)))?;
-            weights.insert(tensor.name, value);
+        let mut weights = HashMap::with_capacity(initializers.len());
+        for initializer in initializers {
+            let (name, value) = match initializer {
+                Initializer::Loaded { name, value } => (name, value),
+                Initializer::Proto(tensor) => {
+                    let value = tract_onnx::tensor::load_tensor(&*onnx.provider, &tensor, None)
+                        .map_err(|e| {
+                            Error::ModelLoad(format!("initializer {:?}: {e:#}", tensor.name))
+                        })?;
+                    (tensor.name, value)
+                }
+            };
+            weights.insert(name, value);
         }
         let parsed = onnx
             .parse(&proto, None)

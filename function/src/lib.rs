@@ -23,6 +23,7 @@ mod entry;
 mod hardening;
 mod lease;
 mod memory;
+mod onnx_decode;
 mod service;
 mod wipe_alloc;
 
