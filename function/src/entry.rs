@@ -78,9 +78,9 @@ pub const MAX_BATCH: u16 = 256;
 
 /// Runs a function until SIGTERM or Ctrl-C.
 pub fn main_with(args: FunctionArgs) -> Result<(), Error> {
-    // Before any thread exists: malloc creates its arenas as threads first allocate. One
-    // per inference the stage runs at once, and the main arena (see `memory`).
-    crate::memory::limit_malloc_arenas(crate::service::inference_slots() + 1);
+    // Before any thread exists: malloc creates its arenas as threads first allocate (see
+    // `memory`).
+    crate::memory::prepare_malloc();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -1,51 +1,80 @@
-//! Keeping a function's resident memory close to its shard's size.
+//! Keeping a function's resident memory close to its shard's size, and its cold start short.
 //!
-//! Loading holds several forms of the weights in turn (decrypted chunks, the decoded
-//! protobuf, tract's tensors, the optimised model's packed weights). Each form is freed as
-//! soon as the next exists (see `StageEngine::load_shard`); once loaded, the free heap
-//! memory of every arena goes back to the system ([`release_free_memory`]).
+//! Loading holds several forms of the weights in turn (decrypted chunks, tract's tensors,
+//! the optimised model's packed weights). Each form is freed as soon as the next exists
+//! (see `StageEngine::load_shard`), and every page a fresh process touches for the first
+//! time costs a page fault (decoding ResNet-50's 98 MB into new memory took 58 ms in a
+//! fresh process, most of it faults, where the same copy into used memory is a few
+//! milliseconds). So while
+//! it loads, a function keeps the memory it frees in one heap for the next form to reuse
+//! ([`prepare_malloc`]): one malloc arena for every thread (the chunks are gathered on the
+//! async runtime, the shard is loaded on a blocking thread; with an arena per thread the
+//! chunks' memory went back to the one the loader does not use), blocks of up to 32 MiB
+//! from the heap instead of mapped on their own (a freed mapping is gone), and no trimming
+//! until the shard is loaded. Once loaded, the free memory goes back to the system
+//! ([`release_free_memory`]).
 //!
-//! Serving holds one set of activations per inference in flight. A function runs at most
-//! as many inferences at once as it has cores (`StageService`), and glibc's malloc gets one
-//! arena more than that ([`limit_malloc_arenas`], set before the first thread starts): by
-//! default it creates up to eight per core, one per thread that allocates while the others
-//! hold theirs, and each keeps the activations' freed blocks for reuse.
+//! Measured on ResNet-50 (`shardseal bench --stages N`, this and the previous build side
+//! by side, two rounds each): spawn to ready of the whole model 385–411 → 305–323 ms
+//! (load 62–65 → 25 ms), of the large stage of 2 323–332 → 260–269 ms, of the largest of 4
+//! 264–295 → 202–211 ms; the 8-stage cut's middle stages 1.06–1.31 → 0.87–1.06 of a
+//! fresh-process plain load. Peak memory: the whole model 256–265 → 226–244 MiB, the first
+//! stage of 2 167–181 → 108–120 MiB, but the large stage of 2 177–185 → 204–210 MiB (its
+//! heap now grows to the load's largest extent before it is trimmed).
+//!
+//! Serving holds one set of activations per inference in flight (at most one per core,
+//! `StageService`), drawn from that one arena, which keeps freed blocks up to 64 MiB at
+//! the top of the heap (the trim threshold glibc itself moves to when its mapping
+//! threshold reaches 32 MiB) rather than give them back and fault them in again next
+//! request.
 //!
 //! An earlier version mapped every block of 256 KiB or more on its own while loading, so
-//! that freeing returned it at once. On ResNet-50 (`shardseal bench`, same machine, same
-//! hour) it doubled tract's load and optimisation in the function (152 + 401 ms against
-//! 94 + 208 ms; a plain load in the bench process took 60 + 202 ms) for no lower peak: each
-//! mapped block was faulted in page by page, wiped on free, and unmapped.
+//! that freeing returned it at once. On ResNet-50 it doubled tract's load and optimisation
+//! in the function (152 + 401 ms against 94 + 208 ms) for no lower peak: each mapped block
+//! was faulted in page by page, wiped on free, and unmapped.
 //!
 //! Every freed block is still wiped first, by [`crate::WipeOnFree`] in the function
 //! binaries.
 
 /// glibc's own upper bound for its dynamic mapping threshold on 64-bit systems (32 MiB):
-/// activations up to this size are reused from the heap instead of mapped per request.
-const SERVING_MMAP_THRESHOLD: libc::c_int = 32 << 20;
+/// blocks up to this size come from the heap instead of being mapped each on its own.
+const HEAP_BLOCK_LIMIT: libc::c_int = 32 << 20;
 
-/// Caps malloc's arenas at `arenas` (at least 1), so that freed activation blocks are
-/// shared by the threads that run inferences instead of kept per thread.
-pub(crate) fn limit_malloc_arenas(arenas: usize) {
-    let arenas = libc::c_int::try_from(arenas.max(1)).unwrap_or(libc::c_int::MAX);
+/// Free memory at the top of the heap kept while a shard loads: all of it (1 GiB).
+const LOADING_TRIM_THRESHOLD: libc::c_int = 1 << 30;
+
+/// Free memory at the top of the heap kept while serving (64 MiB): twice the mapping
+/// threshold, as glibc sets it when it raises the threshold itself.
+const SERVING_TRIM_THRESHOLD: libc::c_int = 2 * HEAP_BLOCK_LIMIT;
+
+fn mallopt(param: libc::c_int, value: libc::c_int) {
     // SAFETY: mallopt only changes a malloc tuning parameter; it takes no pointer and is
     // safe to call at any time from any thread.
     #[allow(unsafe_code)]
     unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, arenas);
+        libc::mallopt(param, value);
     }
 }
 
-/// Fixes the mapping threshold for serving and returns free heap memory (every arena) to
-/// the system.
+/// Sets malloc up for loading a shard: one arena, blocks up to 32 MiB from the heap, no
+/// trimming. Call before any other thread exists (arenas are made as threads first
+/// allocate).
+pub(crate) fn prepare_malloc() {
+    mallopt(libc::M_ARENA_MAX, 1);
+    mallopt(libc::M_MMAP_THRESHOLD, HEAP_BLOCK_LIMIT);
+    mallopt(libc::M_TRIM_THRESHOLD, LOADING_TRIM_THRESHOLD);
+}
+
+/// Once the shard is loaded: returns the free heap memory to the system and sets the
+/// trim threshold for serving.
 pub(crate) fn release_free_memory() {
-    // SAFETY: as above for mallopt; malloc_trim only releases memory malloc holds free
-    // (no live block is touched) and takes no pointer.
+    // SAFETY: malloc_trim only releases memory malloc holds free (no live block is
+    // touched) and takes no pointer.
     #[allow(unsafe_code)]
     unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, SERVING_MMAP_THRESHOLD);
         libc::malloc_trim(0);
     }
+    mallopt(libc::M_TRIM_THRESHOLD, SERVING_TRIM_THRESHOLD);
 }
 
 /// Free heap memory a relaying process keeps for reuse before giving any back (128 MiB).
@@ -59,12 +88,8 @@ const RELAY_TRIM_THRESHOLD: libc::c_int = 128 << 20;
 /// cost is that the heap stays at its peak, which the coordinator's `--max-in-flight`
 /// bounds.
 pub fn keep_freed_memory_for_reuse() {
-    // SAFETY: as in `limit_malloc_arenas`.
-    #[allow(unsafe_code)]
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, SERVING_MMAP_THRESHOLD);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, RELAY_TRIM_THRESHOLD);
-    }
+    mallopt(libc::M_MMAP_THRESHOLD, HEAP_BLOCK_LIMIT);
+    mallopt(libc::M_TRIM_THRESHOLD, RELAY_TRIM_THRESHOLD);
 }
 
 /// This process's peak resident set size (`VmHWM` in `/proc/self/status`), in bytes.
