@@ -10,6 +10,11 @@
 //! it. Anything else (values in typed fields, external data, `Bool` and the types tract
 //! reads another way, a layout changed after the data) stays a `TensorProto` for tract's
 //! own `load_tensor`, so the result is the tensor tract would have made either way.
+//!
+//! Every other field goes through prost's generated per-field decoder
+//! (`Message::merge_field`, which derived `Message` impls call for their fields), so the
+//! rest of the model decodes exactly as `ModelProto::decode` would; the nested messages'
+//! lengths are checked as prost's `merge_loop` checks them.
 
 use prost::Message;
 use prost::bytes::Buf;
