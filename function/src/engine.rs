@@ -76,7 +76,7 @@ impl StageEngine {
     /// Loads a decrypted shard given as its verified chunks, in order, freeing each chunk
     /// (wiped) as soon as the protobuf decoder has read past it, so that the plaintext and
     /// its decoded copy are never both whole in memory; each weight is copied once, from
-    /// the chunks into the tensor tract runs with ([`decode_model`]). tract cannot parse a
+    /// the chunks into the tensor tract runs with (`onnx_decode`). tract cannot parse a
     /// partial protobuf, so decoding starts only once the whole shard is authenticated.
     ///
     /// With `max_batch` above 1 the engine runs up to that many requests at once if the
