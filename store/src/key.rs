@@ -86,6 +86,30 @@ impl StoreKey {
         format!("{MODELS_DIR}/{model}/v{}", version.0)
     }
 
+    /// The prefix under which all versions of a model live, `models/<model>`, for
+    /// [`ShardStore::list`](crate::ShardStore::list).
+    pub fn model_prefix(model: &ModelId) -> String {
+        format!("{MODELS_DIR}/{model}")
+    }
+
+    /// The newest version of `model` among `keys` that holds a shard of `stage` where
+    /// [`StoreKey::shard`] puts it. What a store lists is only a hint (the broker decides
+    /// which version a function serves).
+    pub fn newest_shard_version<'a>(
+        keys: impl IntoIterator<Item = &'a StoreKey>,
+        model: &ModelId,
+        stage: StageIndex,
+    ) -> Option<ModelVersion> {
+        let versions = format!("{}/v", Self::model_prefix(model));
+        keys.into_iter()
+            .filter_map(|key| {
+                let rest = key.as_str().strip_prefix(&versions)?;
+                let version = ModelVersion(rest.split('/').next()?.parse().ok()?);
+                (Self::shard(model, version, stage) == *key).then_some(version)
+            })
+            .max()
+    }
+
     /// The key as text.
     pub fn as_str(&self) -> &str {
         &self.0
@@ -248,6 +272,32 @@ mod tests {
             StoreKey::version_prefix(&model, ModelVersion(2)),
             "models/mlp/v2"
         );
+    }
+
+    #[test]
+    fn the_newest_version_with_this_stages_shard_is_found_among_listed_keys() {
+        let model = ModelId::new("mlp").unwrap();
+        let keys: Vec<StoreKey> = [
+            "models/mlp/v2/stage-0.shard",
+            "models/mlp/v2/stage-1.shard",
+            "models/mlp/v10/stage-0.shard",
+            "models/mlp/v10/manifest.json",
+            // Not where `shard` puts a shard of stage 1, or not a version at all.
+            "models/mlp/v11/stage-1.shard.tmp",
+            "models/mlp/v12/extra/stage-1.shard",
+            "models/mlp/v012/stage-1.shard",
+            "models/mlp/vx/stage-1.shard",
+            "models/mlp/v99999999999/stage-1.shard",
+            "models/mlp2/v40/stage-1.shard",
+        ]
+        .into_iter()
+        .map(|k| StoreKey::new(k).unwrap())
+        .collect();
+        let newest = |stage| StoreKey::newest_shard_version(&keys, &model, StageIndex(stage));
+        assert_eq!(newest(0), Some(ModelVersion(10)));
+        assert_eq!(newest(1), Some(ModelVersion(2)));
+        assert_eq!(newest(2), None);
+        assert_eq!(StoreKey::model_prefix(&model), "models/mlp");
     }
 
     #[test]
