@@ -4,9 +4,14 @@
 //! harden ─▶ ephemeral key ─▶ nonce (broker) ─▶ quote (agent) ─▶ attest (broker)
 //!        ─▶ open key release ─▶ stream shard from the store, decrypting each chunk
 //!        ─▶ check the shard digest ─▶ tract load + optimise ─▶ wipe plaintext ─▶ ready
+//!   └─▶ meanwhile: read the sealed shard of the newest version the store lists
 //! ```
 //!
-//! Receiving and decrypting the shard overlap (the store stream and the gathering of each
+//! Reading ciphertext needs no key, so a function starts reading its shard while it
+//! attests ([`Prefetch`]), guessing the version from the store's listing; the read is used
+//! only if the broker then releases that very version and the signed manifest names that
+//! very file, and is otherwise dropped and done again. Receiving and decrypting the shard
+//! overlap (the store stream and the gathering of each
 //! chunk into its own buffer on this task, decryption in place and the shard digest on a
 //! blocking thread). Parsing cannot join them: tract parses a complete protobuf only, so
 //! loading starts once the last chunk is authenticated and the digest matches the signed
@@ -23,8 +28,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use futures::TryStreamExt;
+use futures::{Stream, StreamExt, TryStreamExt};
 use prost::Message;
+use prost::bytes::Bytes;
 use shardseal_attestation::{
     AttestationError, ModelId, ModelVersion, Nonce, ReportData, StageIndex, request_quote,
 };
@@ -39,7 +45,7 @@ use shardseal_proto::v1::{
     AttestRequest, AttestResponse, BrokerInfoRequest, ColdStart, KeyRelease, NonceRequest,
     SignedBlob,
 };
-use shardseal_store::{ShardStore, StoreConfig, StoreKey};
+use shardseal_store::{Error as StoreError, ShardStore, StoreConfig, StoreKey};
 use tonic::transport::{ClientTlsConfig, Endpoint};
 
 use crate::{Error, StageEngine, harden_process};
@@ -131,6 +137,12 @@ pub async fn cold_start(config: &ColdStartConfig) -> Result<AttestedStage, Error
     let tls = pki
         .client_config(Role::Broker, None)
         .map_err(|e| Error::Config(e.to_string()))?;
+    // Opening validates the configuration; an S3 store is contacted only by the reads.
+    let store = config
+        .store
+        .open()
+        .map_err(|e| Error::Store(e.to_string()))?;
+    let prefetch = Prefetch::start(store.clone(), config.model.clone(), config.stage);
     let attested = attest_retrying(config, &tls, started + UNREACHABLE_RETRY_LIMIT).await?;
     let connected_at = attested.connected_at;
     let attested_at = Instant::now();
@@ -161,12 +173,22 @@ pub async fn cold_start(config: &ColdStartConfig) -> Result<AttestedStage, Error
         entry.shard_file
     ))
     .map_err(|e| Error::Store(e.to_string()))?;
-    // Opening validates the configuration; an S3 store is contacted only by the download.
-    let store = config
-        .store
-        .open()
-        .map_err(|e| Error::Store(e.to_string()))?;
-    let fetched = fetch_and_open(store, &shard_key_path, &shard_key, binding).await?;
+    let prefetched = prefetch.take(&shard_key_path).await;
+    let shard_prefetched = prefetched.is_some();
+    let fetched = match prefetched {
+        Some((ciphertext, requested_at)) => {
+            fetch_and_open(ciphertext, requested_at, &shard_key, binding).await?
+        }
+        None => {
+            let requested_at = Instant::now();
+            // The store's messages name the key and the backend, never a credential.
+            let ciphertext = store
+                .get_stream(&shard_key_path)
+                .await
+                .map_err(|e| Error::Store(e.to_string()))?;
+            fetch_and_open(ciphertext, requested_at, &shard_key, binding).await?
+        }
+    };
     let shard_bytes = fetched.plaintext_len;
 
     // Every chunk is authenticated (AES-GCM under the released key); the digest pins them
@@ -196,6 +218,7 @@ pub async fn cold_start(config: &ColdStartConfig) -> Result<AttestedStage, Error
         connect_ms: ms(connected_at - started),
         attest_ms: ms(attested_at - connected_at),
         fetch_ms: ms(fetched.fetch),
+        shard_prefetched,
         decrypt_ms: ms(fetched.decrypt),
         fetch_decrypt_ms: ms(fetched.fetched_at - attested_at),
         load_ms: ms(load.load),
@@ -500,8 +523,12 @@ pub struct ColdStartTimings {
     /// opening the release.
     pub attest_ms: f64,
     /// Reading the sealed shard from the store and gathering it into chunk buffers, wall
-    /// clock from request to last byte. Overlaps `decrypt_ms`.
+    /// clock from request to last byte. Overlaps `decrypt_ms`, and `connect_ms` and
+    /// `attest_ms` when the shard was read while attesting (`shard_prefetched`).
     pub fetch_ms: f64,
+    /// Whether the shard was read while the function attested (the store's newest version
+    /// was the released one).
+    pub shard_prefetched: bool,
     /// Time spent authenticating and decrypting chunks in place, shard digest included
     /// (summed; it runs on its own thread while the next chunks are read, so it overlaps
     /// `fetch_ms`).
@@ -554,6 +581,104 @@ struct FetchedShard {
     fetched_at: Instant,
 }
 
+/// How many pieces of a prefetched shard may wait for the broker's keys: what a function
+/// holds however long it takes to attest (8 MiB in the local store's 256 KiB pieces, about
+/// what it reads during a 3 ms attestation).
+const PREFETCH_PIECES: usize = 32;
+
+/// The sealed shard of the newest version the store holds for this function's stage, read
+/// while the function attests (reading ciphertext needs no key). The store's listing is
+/// only a guess at the version: the prefetch is used only if the broker then releases keys
+/// for that very version and the signed manifest names that very file, and it is opened
+/// and checked exactly as a shard read afterwards would be (every chunk authenticated under
+/// the released key and bound to model, version and stage; the digest against the
+/// manifest). Otherwise it is dropped and the shard read anew.
+struct Prefetch {
+    /// The key being read and when its reading was asked for, or `None` if there is no
+    /// guess (nothing listed, or the store failed: the read after attesting reports it).
+    guess: tokio::sync::oneshot::Receiver<Option<(StoreKey, Instant)>>,
+    pieces: tokio::sync::mpsc::Receiver<Result<Bytes, StoreError>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Prefetch {
+    fn start(store: Arc<dyn ShardStore>, model: ModelId, stage: StageIndex) -> Self {
+        let (guessed, guess) = tokio::sync::oneshot::channel();
+        let (forward, pieces) = tokio::sync::mpsc::channel(PREFETCH_PIECES);
+        let task = tokio::spawn(async move {
+            let Some((key, requested_at, mut ciphertext)) =
+                open_newest(&*store, &model, stage).await
+            else {
+                let _ = guessed.send(None);
+                return;
+            };
+            if guessed.send(Some((key, requested_at))).is_err() {
+                return;
+            }
+            while let Some(piece) = ciphertext.next().await {
+                let failed = piece.is_err();
+                // Stops when the reader is gone (a wrong guess, or the cold start failed).
+                if forward.send(piece).await.is_err() || failed {
+                    return;
+                }
+            }
+        });
+        Self {
+            guess,
+            pieces,
+            task,
+        }
+    }
+
+    /// The prefetched ciphertext and when it was asked for, if it is `key`'s; otherwise
+    /// stops the prefetch.
+    async fn take(
+        self,
+        key: &StoreKey,
+    ) -> Option<(impl Stream<Item = Result<Bytes, StoreError>>, Instant)> {
+        let Prefetch {
+            guess,
+            pieces,
+            task,
+        } = self;
+        match guess.await {
+            Ok(Some((guessed, requested_at))) if guessed == *key => {
+                let ciphertext = futures::stream::unfold(pieces, |mut pieces| async move {
+                    pieces.recv().await.map(|piece| (piece, pieces))
+                });
+                Some((ciphertext, requested_at))
+            }
+            Ok(Some((guessed, _))) => {
+                task.abort();
+                tracing::info!(
+                    guessed = guessed.as_str(),
+                    released = key.as_str(),
+                    "the shard read while attesting is not the released one; reading it anew"
+                );
+                None
+            }
+            _ => {
+                task.abort();
+                None
+            }
+        }
+    }
+}
+
+/// Opens the newest version's shard of `stage` in `store`, if the store lists one.
+async fn open_newest(
+    store: &dyn ShardStore,
+    model: &ModelId,
+    stage: StageIndex,
+) -> Option<(StoreKey, Instant, shardseal_store::ObjectStream)> {
+    let keys = store.list(&StoreKey::model_prefix(model)).await.ok()?;
+    let version = StoreKey::newest_shard_version(&keys, model, stage)?;
+    let key = StoreKey::shard(model, version, stage);
+    let requested_at = Instant::now();
+    let ciphertext = store.get_stream(&key).await.ok()?;
+    Some((key, requested_at, ciphertext))
+}
+
 /// How many gathered chunks (1 MiB each by default) may wait for the decrypting thread:
 /// enough to keep both busy, little enough to bound what waits (8 MiB).
 const PIPELINE_DEPTH: usize = 8;
@@ -563,17 +688,12 @@ const PIPELINE_DEPTH: usize = 8;
 /// plaintext will occupy), while a blocking thread authenticates and decrypts each gathered
 /// chunk in place and computes the shard digest: receiving and decrypting overlap.
 async fn fetch_and_open(
-    store: Arc<dyn ShardStore>,
-    key_path: &StoreKey,
+    ciphertext: impl Stream<Item = Result<Bytes, StoreError>>,
+    fetch_started: Instant,
     key: &ShardKey,
     binding: ShardBinding,
 ) -> Result<FetchedShard, Error> {
-    let fetch_started = Instant::now();
-    // The store's messages name the key and the backend, never a credential.
-    let mut ciphertext = store
-        .get_stream(key_path)
-        .await
-        .map_err(|e| Error::Store(e.to_string()))?;
+    let mut ciphertext = std::pin::pin!(ciphertext);
     let mut gatherer = ShardGatherer::new(binding.clone());
     let mut opener = ChunkOpener::new(key, binding);
     let (to_open, mut arriving) = tokio::sync::mpsc::channel::<SealedChunk>(PIPELINE_DEPTH);

@@ -143,7 +143,8 @@ async fn serve(args: FunctionArgs) -> Result<(), Error> {
     tracing::info!(
         model = %stage.model, stage = stage.stage.0,
         startup_ms = t.startup_ms, connect_ms = t.connect_ms, attest_ms = t.attest_ms,
-        fetch_ms = t.fetch_ms, decrypt_ms = t.decrypt_ms, fetch_decrypt_ms = t.fetch_decrypt_ms,
+        fetch_ms = t.fetch_ms, shard_prefetched = t.shard_prefetched, decrypt_ms = t.decrypt_ms,
+        fetch_decrypt_ms = t.fetch_decrypt_ms,
         load_ms = t.load_ms, optimize_ms = t.optimize_ms, total_ms = t.total_ms,
         shard_bytes = t.shard_bytes, peak_rss_bytes = t.peak_rss_bytes,
         "cold start"
