@@ -586,13 +586,17 @@ struct FetchedShard {
 /// what it reads during a 3 ms attestation).
 const PREFETCH_PIECES: usize = 32;
 
+/// How long a prefetch may wait for the broker's keys and still be used.
+const PREFETCH_HELD_AT_MOST: Duration = Duration::from_secs(10);
+
 /// The sealed shard of the newest version the store holds for this function's stage, read
 /// while the function attests (reading ciphertext needs no key). The store's listing is
 /// only a guess at the version: the prefetch is used only if the broker then releases keys
 /// for that very version and the signed manifest names that very file, and it is opened
 /// and checked exactly as a shard read afterwards would be (every chunk authenticated under
 /// the released key and bound to model, version and stage; the digest against the
-/// manifest). Otherwise it is dropped and the shard read anew.
+/// manifest). Otherwise, or if the keys took longer than [`PREFETCH_HELD_AT_MOST`] to come,
+/// it is dropped and the shard read anew.
 struct Prefetch {
     /// The key being read and when its reading was asked for, or `None` if there is no
     /// guess (nothing listed, or the store failed: the read after attesting reports it).
@@ -642,13 +646,17 @@ impl Prefetch {
             task,
         } = self;
         match guess.await {
-            Ok(Some((guessed, requested_at))) if guessed == *key => {
+            // A read held open through a long wait for the broker (retries) may have been
+            // cut by the store meanwhile: read anew rather than fail on it.
+            Ok(Some((guessed, requested_at)))
+                if guessed == *key && requested_at.elapsed() < PREFETCH_HELD_AT_MOST =>
+            {
                 let ciphertext = futures::stream::unfold(pieces, |mut pieces| async move {
                     pieces.recv().await.map(|piece| (piece, pieces))
                 });
                 Some((ciphertext, requested_at))
             }
-            Ok(Some((guessed, _))) => {
+            Ok(Some((guessed, _))) if guessed != *key => {
                 task.abort();
                 tracing::info!(
                     guessed = guessed.as_str(),
