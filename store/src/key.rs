@@ -83,7 +83,7 @@ impl StoreKey {
     /// The prefix under which all objects of one model version live, `models/<model>/v<version>`,
     /// for [`ShardStore::list`](crate::ShardStore::list).
     pub fn version_prefix(model: &ModelId, version: ModelVersion) -> String {
-        format!("{MODELS_DIR}/{model}/v{}", version.0)
+        format!("{}/v{}", Self::model_prefix(model), version.0)
     }
 
     /// The prefix under which all versions of a model live, `models/<model>`, for
