@@ -22,6 +22,7 @@ mod engine;
 mod entry;
 mod hardening;
 mod lease;
+mod mapped_blocks;
 mod memory;
 mod onnx_decode;
 mod service;

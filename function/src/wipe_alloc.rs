@@ -7,6 +7,9 @@
 //! The cost is one `memset` per freed byte (and a copy on `realloc`, which may no longer
 //! grow in place): 2.2 % of a ResNet-50 stage's CPU under load (`perf`, BENCHMARKS.md).
 //!
+//! A function that loads with `--load-memory lean` maps large blocks each on its own while
+//! it loads (`mapped_blocks`); freeing one hands its pages straight back to the system.
+//!
 //! One executable serves every role, so a process whose memory holds no secret of anyone's
 //! turns wiping off for itself ([`WipeOnFree::stop_in_this_process`]): the coordinator
 //! does, and so relays sealed activations without a memset and a copy per buffer.
@@ -14,6 +17,8 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, Ordering};
+
+use crate::mapped_blocks;
 
 /// [`System`], wiping each block on free.
 pub struct WipeOnFree;
@@ -56,27 +61,65 @@ impl WipeOnFree {
         WIPING.store(false, Ordering::Relaxed);
     }
 
+    /// Maps each block of 256 KiB or more on its own from now on, so that freeing it hands
+    /// its pages straight back to the system (a function's `--load-memory lean`, while it
+    /// loads). Fails if the address range for them cannot be reserved, or was already.
+    pub fn map_large_blocks() -> std::io::Result<()> {
+        mapped_blocks::reserve(mapped_blocks::RESERVED_BYTES)
+    }
+
+    /// Takes large blocks from the heap again; those already mapped are released when
+    /// freed.
+    pub fn stop_mapping_large_blocks() {
+        mapped_blocks::stop();
+    }
+
+    /// How many blocks [`WipeOnFree::map_large_blocks`] has had mapped so far.
+    pub fn mapped_block_count() -> usize {
+        mapped_blocks::mapped_count()
+    }
+
+    /// Whether `ptr` points into a block mapped by [`WipeOnFree::map_large_blocks`].
+    pub fn is_mapped_block(ptr: *const u8) -> bool {
+        mapped_blocks::contains(ptr)
+    }
+
     fn wiping() -> bool {
         WIPING.load(Ordering::Relaxed) && !SKIP_WIPE.try_with(Cell::get).unwrap_or(false)
     }
 }
 
 // SAFETY: every method forwards to `System` with the caller's layout, as the `GlobalAlloc`
-// contract requires; the only addition is writing zeros over memory the caller owns and
-// is giving back, before it is freed.
+// contract requires, or, for a large block while a lean load maps them, to
+// `mapped_blocks` (fresh zeroed pages of at least the size, aligned to a page, which is at
+// least the layout's alignment; freed there by address). The only other addition is
+// writing zeros over memory the caller owns and is giving back, before it is freed.
 #[allow(unsafe_code)]
 unsafe impl GlobalAlloc for WipeOnFree {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        if let Some(block) = mapped_blocks::map(layout.size(), layout.align()) {
+            return block;
+        }
         // SAFETY: forwarded unchanged.
         unsafe { System.alloc(layout) }
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        // Fresh pages are zero.
+        if let Some(block) = mapped_blocks::map(layout.size(), layout.align()) {
+            return block;
+        }
         // SAFETY: forwarded unchanged.
         unsafe { System.alloc_zeroed(layout) }
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        if mapped_blocks::contains(ptr) {
+            // SAFETY: a block `map` gave out with this size, now the allocator's again. Its
+            // pages leave the process, so it needs no wipe (see `mapped_blocks`).
+            unsafe { mapped_blocks::release(ptr, layout.size()) };
+            return;
+        }
         // SAFETY: `ptr` is a live block of `layout.size()` bytes owned by the caller.
         unsafe {
             if Self::wiping() {
@@ -89,6 +132,22 @@ unsafe impl GlobalAlloc for WipeOnFree {
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        let mapped = mapped_blocks::contains(ptr)
+            || (mapped_blocks::mapping() && new_size >= mapped_blocks::LARGE_BLOCK);
+        if mapped {
+            // To or from a mapped block: a new block, the contents copied, the old freed
+            // (by whichever side it came from).
+            // SAFETY: as below, with `self.alloc` and `self.dealloc` choosing the side.
+            return unsafe {
+                let new_layout = Layout::from_size_align_unchecked(new_size, layout.align());
+                let new = self.alloc(new_layout);
+                if !new.is_null() {
+                    std::ptr::copy_nonoverlapping(ptr, new, layout.size().min(new_size));
+                    self.dealloc(ptr, layout);
+                }
+                new
+            };
+        }
         if !Self::wiping() {
             // SAFETY: forwarded unchanged; the block came from `System`.
             return unsafe { System.realloc(ptr, layout, new_size) };

@@ -1,0 +1,121 @@
+//! `WipeOnFree::map_large_blocks` (a function's `--load-memory lean`): large blocks are
+//! mapped each on its own and handed back to the system when freed, small ones stay on
+//! the heap, contents survive every move between the two, and blocks mapped before
+//! mapping stops are still freed as mapped blocks afterwards. The switch is process-wide,
+//! so this binary holds this one test.
+
+use shardseal_function::WipeOnFree;
+
+#[global_allocator]
+static ALLOCATOR: WipeOnFree = WipeOnFree;
+
+const MIB: usize = 1 << 20;
+
+fn pattern(i: usize) -> u8 {
+    (i % 251) as u8
+}
+
+fn filled(len: usize) -> Vec<u8> {
+    (0..len).map(pattern).collect()
+}
+
+fn holds_pattern(bytes: &[u8]) -> bool {
+    bytes.iter().enumerate().all(|(i, b)| *b == pattern(i))
+}
+
+/// This process's resident memory (`VmRSS`), in bytes.
+fn resident() -> usize {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let kib: usize = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().strip_suffix("kB"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap();
+    kib * 1024
+}
+
+#[test]
+fn large_blocks_are_mapped_while_on_and_handed_back_when_freed() {
+    let before = filled(MIB);
+    assert!(!WipeOnFree::is_mapped_block(before.as_ptr()));
+
+    WipeOnFree::map_large_blocks().unwrap();
+    assert!(
+        WipeOnFree::map_large_blocks().is_err(),
+        "the range is reserved once"
+    );
+
+    // Large blocks are mapped; small ones are not.
+    let small = filled(1000);
+    assert!(!WipeOnFree::is_mapped_block(small.as_ptr()));
+    let zeroed = vec![0u8; 3 * MIB];
+    assert!(WipeOnFree::is_mapped_block(zeroed.as_ptr()));
+    assert!(zeroed.iter().all(|b| *b == 0));
+
+    // Freeing a mapped block hands its pages back at once.
+    let big = filled(64 * MIB);
+    assert!(WipeOnFree::is_mapped_block(big.as_ptr()));
+    assert!(holds_pattern(&big));
+    let with_big = resident();
+    drop(big);
+    let without_big = resident();
+    assert!(
+        with_big - without_big >= 48 * MIB,
+        "freeing 64 MiB gave back {} bytes",
+        with_big.saturating_sub(without_big)
+    );
+
+    // Growing from the heap into a mapped block and shrinking back keeps the contents.
+    let mut grown = filled(1000);
+    while grown.len() < 4 * MIB {
+        let n = grown.len();
+        grown.extend((n..2 * n).map(pattern));
+    }
+    assert!(WipeOnFree::is_mapped_block(grown.as_ptr()));
+    assert!(holds_pattern(&grown));
+    grown.truncate(100);
+    grown.shrink_to_fit();
+    assert!(!WipeOnFree::is_mapped_block(grown.as_ptr()));
+    assert!(holds_pattern(&grown));
+
+    // An alignment beyond a page comes from the heap.
+    #[repr(C, align(16384))]
+    struct Aligned([u8; 16384]);
+    let aligned: Vec<Aligned> = (0..64).map(|_| Aligned([7; 16384])).collect();
+    assert!(!WipeOnFree::is_mapped_block(aligned.as_ptr().cast()));
+    assert_eq!(aligned.as_ptr() as usize % 16384, 0);
+    assert!(aligned.iter().all(|a| a.0.iter().all(|b| *b == 7)));
+
+    // Threads map blocks of their own.
+    let blocks: Vec<Vec<u8>> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..4).map(|_| scope.spawn(|| filled(2 * MIB))).collect();
+        workers.into_iter().map(|w| w.join().unwrap()).collect()
+    });
+    for block in &blocks {
+        assert!(WipeOnFree::is_mapped_block(block.as_ptr()));
+        assert!(holds_pattern(block));
+    }
+    let mut starts: Vec<usize> = blocks.iter().map(|b| b.as_ptr() as usize).collect();
+    starts.sort_unstable();
+    assert!(
+        starts.windows(2).all(|w| w[1] - w[0] >= 2 * MIB),
+        "blocks overlap"
+    );
+    let mapped = WipeOnFree::mapped_block_count();
+    assert!(mapped >= 8, "{mapped} blocks mapped");
+
+    // Once mapping stops, large blocks come from the heap again, and a block mapped
+    // before is still read, grown and freed as a mapped one.
+    let mut kept = filled(2 * MIB);
+    assert!(WipeOnFree::is_mapped_block(kept.as_ptr()));
+    WipeOnFree::stop_mapping_large_blocks();
+    let after = filled(2 * MIB);
+    assert!(!WipeOnFree::is_mapped_block(after.as_ptr()));
+    assert!(holds_pattern(&kept));
+    kept.extend((kept.len()..3 * MIB).map(pattern));
+    assert!(!WipeOnFree::is_mapped_block(kept.as_ptr()));
+    assert!(holds_pattern(&kept));
+    assert_eq!(WipeOnFree::mapped_block_count(), mapped + 1);
+    drop((kept, after, blocks, before, small, zeroed));
+}
