@@ -9,6 +9,7 @@ use shardseal_store::StoreConfig;
 
 use crate::Error;
 use crate::cold_start::{ColdStartConfig, cold_start};
+use crate::memory::LoadMemory;
 use crate::service::{StageService, run};
 
 /// The line printed on stdout once the stage is ready, followed by its address: the local
@@ -71,7 +72,17 @@ pub struct FunctionArgs {
         value_parser = clap::value_parser!(u16).range(1..=i64::from(MAX_BATCH))
     )]
     pub max_batch: u16,
+    /// How to spend memory while the shard loads: `fast` keeps freed memory in one heap
+    /// for reuse (the shortest cold start; the peak is near twice the shard), `lean` hands
+    /// large blocks back as soon as they are freed (a peak near the shard, a longer cold
+    /// start). Serving is the same in both.
+    #[arg(long, env = LOAD_MEMORY_ENV, value_enum, default_value_t = LoadMemory::Fast)]
+    pub load_memory: LoadMemory,
 }
+
+/// The environment variable `--load-memory` reads; functions started by `shardseal up`
+/// inherit it.
+pub const LOAD_MEMORY_ENV: &str = "SHARDSEAL_LOAD_MEMORY";
 
 /// The largest `--max-batch` a function takes (and the coordinator passes on).
 pub const MAX_BATCH: u16 = 256;
@@ -80,7 +91,7 @@ pub const MAX_BATCH: u16 = 256;
 pub fn main_with(args: FunctionArgs) -> Result<(), Error> {
     // Before any thread exists: malloc creates its arenas as threads first allocate (see
     // `memory`).
-    crate::memory::prepare_malloc();
+    crate::memory::prepare_malloc(args.load_memory);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -147,6 +158,8 @@ async fn serve(args: FunctionArgs) -> Result<(), Error> {
         fetch_decrypt_ms = t.fetch_decrypt_ms,
         load_ms = t.load_ms, optimize_ms = t.optimize_ms, total_ms = t.total_ms,
         shard_bytes = t.shard_bytes, peak_rss_bytes = t.peak_rss_bytes,
+        load_memory = %args.load_memory.as_str(),
+        mapped_blocks = crate::WipeOnFree::mapped_block_count(),
         "cold start"
     );
     let pki = Pki::open(&args.pki).map_err(|e| Error::Config(e.to_string()))?;

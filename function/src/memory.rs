@@ -28,10 +28,15 @@
 //! threshold reaches 32 MiB) rather than give them back and fault them in again next
 //! request.
 //!
-//! An earlier version mapped every block of 256 KiB or more on its own while loading, so
-//! that freeing returned it at once. On ResNet-50 it doubled tract's load and optimisation
-//! in the function (152 + 401 ms against 94 + 208 ms) for no lower peak: each mapped block
-//! was faulted in page by page, wiped on free, and unmapped.
+//! The one heap is what the fast load costs in memory: tract's optimisation copies most
+//! weights (axis changes, folded constants, packing) and frees the old forms only as each
+//! pass ends, and the blocks it frees rarely fit its next copies, so the heap peaks near
+//! twice the shard. `--load-memory lean` ([`LoadMemory::Lean`]) maps each block of 256 KiB
+//! or more on its own while the shard loads, and hands its pages back the moment it is
+//! freed (`mapped_blocks`): the peak stays near what is live, and every new block is
+//! faulted in page by page, so the cold start is longer. Serving is the same in both
+//! (mapping stops once the shard is loaded). Measured side by side on ResNet-50 in
+//! BENCHMARKS.md ("Loading lean").
 //!
 //! Every freed block is still wiped first, by [`crate::WipeOnFree`] in the function
 //! binaries.
@@ -56,18 +61,47 @@ fn mallopt(param: libc::c_int, value: libc::c_int) {
     }
 }
 
+/// How a function spends memory while it loads its shard (`--load-memory`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum LoadMemory {
+    /// Freed blocks stay in one heap for the next form of the weights to reuse: the
+    /// shortest cold start, a peak near twice the shard.
+    #[default]
+    Fast,
+    /// Large blocks mapped each on its own and handed back when freed: a peak near the
+    /// live weights, a longer cold start (each new block is faulted in).
+    Lean,
+}
+
+impl LoadMemory {
+    /// The name `--load-memory` takes, as logged.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Fast => "fast",
+            Self::Lean => "lean",
+        }
+    }
+}
+
 /// Sets malloc up for loading a shard: one arena, blocks up to 32 MiB from the heap, no
-/// trimming. Call before any other thread exists (arenas are made as threads first
-/// allocate).
-pub(crate) fn prepare_malloc() {
+/// trimming; for a lean load, large blocks mapped on their own (if the address range for
+/// them cannot be reserved, it says so and loads fast). Call before any other thread
+/// exists (arenas are made as threads first allocate).
+pub(crate) fn prepare_malloc(mode: LoadMemory) {
     mallopt(libc::M_ARENA_MAX, 1);
     mallopt(libc::M_MMAP_THRESHOLD, HEAP_BLOCK_LIMIT);
     mallopt(libc::M_TRIM_THRESHOLD, LOADING_TRIM_THRESHOLD);
+    if mode == LoadMemory::Lean
+        && let Err(error) = crate::WipeOnFree::map_large_blocks()
+    {
+        tracing::warn!(%error, "cannot reserve address space for a lean load; loading fast");
+    }
 }
 
-/// Once the shard is loaded: returns the free heap memory to the system and sets the
-/// trim threshold for serving.
+/// Once the shard is loaded: stops mapping large blocks (serving reuses the heap's),
+/// returns the free heap memory to the system and sets the trim threshold for serving.
 pub(crate) fn release_free_memory() {
+    crate::WipeOnFree::stop_mapping_large_blocks();
     // SAFETY: malloc_trim only releases memory malloc holds free (no live block is
     // touched) and takes no pointer.
     #[allow(unsafe_code)]
