@@ -216,6 +216,12 @@ struct StageColdStart {
     plain_fresh_process_ms: f64,
     /// `spawn_to_ready_ms / plain_fresh_process_ms`.
     fresh_ratio: f64,
+    /// How the function spent memory while it loaded (`--load-memory`, which functions
+    /// take from `SHARDSEAL_LOAD_MEMORY`): `fast` or `lean`.
+    load_memory: Option<String>,
+    /// The function's peak resident memory (MiB) when it became ready, as it logged it:
+    /// the load's peak, where `stage_peak_rss_mb` is the whole run's (serving included).
+    ready_peak_rss_mb: Option<f64>,
 }
 
 /// CPU time per request in the throughput runs: where the sealed pipeline's cycles go
@@ -878,6 +884,8 @@ async fn measure(
             ratio: r.spawn_to_ready_ms / plain.total_ms(),
             plain_fresh_process_ms: fresh,
             fresh_ratio: r.spawn_to_ready_ms / fresh,
+            load_memory: logged.load_memory,
+            ready_peak_rss_mb: logged.ready_peak_rss_bytes.map(|b| b as f64 / MIB),
         });
     }
     let cold_start_ms = stage_cold_start
@@ -1201,6 +1209,18 @@ fn print_run(r: &RunReport) {
          minus the function's own total; n/a = not logged by this function build; \
          a function without separate fetch and decrypt shows both under fetch)"
     );
+    let mut load_memory: Vec<&str> = r
+        .stage_cold_start
+        .iter()
+        .filter_map(|c| c.load_memory.as_deref())
+        .collect();
+    load_memory.dedup();
+    if !load_memory.is_empty() {
+        println!(
+            "functions loaded with --load-memory {}",
+            load_memory.join(", ")
+        );
+    }
     println!("max abs diff against plain tract: {:.3e}", r.max_abs_diff);
 }
 

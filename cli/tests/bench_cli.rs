@@ -17,6 +17,7 @@ fn bench(args: &[&str]) -> Vec<Value> {
         .arg("bench")
         .args(args)
         .arg("--json")
+        .env_remove(shardseal_function::LOAD_MEMORY_ENV)
         .output()
         .expect("running shardseal bench");
     assert!(
@@ -148,6 +149,10 @@ fn bench_json_reports_every_field_for_each_stage_count() {
             let fresh = number(stage, "plain_fresh_process_ms");
             assert!(fresh > 0.0);
             assert!((number(stage, "fresh_ratio") - ready / fresh).abs() < 1e-9 * (ready / fresh));
+            // The default, as the functions logged it.
+            assert_eq!(stage["load_memory"], "fast");
+            // The load's peak, as the function logged it when ready.
+            assert!(number(stage, "ready_peak_rss_mb") > 0.0);
         }
         let fresh_ratio = cold
             .iter()

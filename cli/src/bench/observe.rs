@@ -30,7 +30,7 @@ pub(super) struct ReplicaReady {
 /// (message `cold start`, fields in milliseconds). A field the function does not log is
 /// `None`: functions built before the finer phases existed log `cold start complete` with
 /// `fetch_decrypt_ms` and a `load_ms` that includes tract's optimisation.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub(super) struct FunctionColdStart {
     /// Process start (fork) to the cold start's first step, when the function logs it.
     pub startup_ms: Option<f64>,
@@ -53,6 +53,10 @@ pub(super) struct FunctionColdStart {
     pub total_ms: Option<f64>,
     /// Plaintext bytes of the shard.
     pub shard_bytes: Option<u64>,
+    /// How the function spent memory while it loaded (`--load-memory`: `fast` or `lean`).
+    pub load_memory: Option<String>,
+    /// The function's peak resident memory when it became ready: the load's peak.
+    pub ready_peak_rss_bytes: Option<u64>,
 }
 
 /// Every `replica ready` line of a coordinator log.
@@ -105,6 +109,8 @@ pub(super) fn function_cold_start(function_log: &Path) -> Option<FunctionColdSta
         optimize_ms: get("optimize_ms"),
         total_ms: get("total_ms"),
         shard_bytes: f.get("shard_bytes").and_then(|v| v.parse().ok()),
+        load_memory: f.get("load_memory").map(|v| (*v).to_owned()),
+        ready_peak_rss_bytes: f.get("peak_rss_bytes").and_then(|v| v.parse().ok()),
     })
 }
 
@@ -222,7 +228,7 @@ mod tests {
              2026-01-01T00:00:00.000002Z  INFO shardseal_function::entry: cold start \
              model=m stage=0 startup_ms=4 connect_ms=1.5 attest_ms=10.5 fetch_ms=2 \
              decrypt_ms=3.25 load_ms=15 optimize_ms=20 total_ms=56.5 shard_bytes=4096 \
-             peak_rss_bytes=1048576\n",
+             peak_rss_bytes=1048576 load_memory=lean mapped_blocks=12\n",
         )
         .unwrap();
         assert_eq!(
@@ -238,6 +244,8 @@ mod tests {
                 optimize_ms: Some(20.0),
                 total_ms: Some(56.5),
                 shard_bytes: Some(4096),
+                load_memory: Some("lean".into()),
+                ready_peak_rss_bytes: Some(1 << 20),
             })
         );
     }
