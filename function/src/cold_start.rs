@@ -634,11 +634,20 @@ impl Prefetch {
         }
     }
 
-    /// The prefetched ciphertext and when it was asked for, if it is `key`'s; otherwise
-    /// stops the prefetch.
+    /// The prefetched ciphertext and when it was asked for, if it is `key`'s and was asked
+    /// for less than [`PREFETCH_HELD_AT_MOST`] ago; otherwise stops the prefetch.
     async fn take(
         self,
         key: &StoreKey,
+    ) -> Option<(impl Stream<Item = Result<Bytes, StoreError>>, Instant)> {
+        self.take_within(key, PREFETCH_HELD_AT_MOST).await
+    }
+
+    /// [`Prefetch::take`], with the longest a prefetch may have been held as an argument.
+    async fn take_within(
+        self,
+        key: &StoreKey,
+        held_at_most: Duration,
     ) -> Option<(impl Stream<Item = Result<Bytes, StoreError>>, Instant)> {
         let Prefetch {
             guess,
@@ -649,20 +658,28 @@ impl Prefetch {
             // A read held open through a long wait for the broker (retries) may have been
             // cut by the store meanwhile: read anew rather than fail on it.
             Ok(Some((guessed, requested_at)))
-                if guessed == *key && requested_at.elapsed() < PREFETCH_HELD_AT_MOST =>
+                if guessed == *key && requested_at.elapsed() < held_at_most =>
             {
                 let ciphertext = futures::stream::unfold(pieces, |mut pieces| async move {
                     pieces.recv().await.map(|piece| (piece, pieces))
                 });
                 Some((ciphertext, requested_at))
             }
-            Ok(Some((guessed, _))) if guessed != *key => {
+            Ok(Some((guessed, requested_at))) => {
                 task.abort();
-                tracing::info!(
-                    guessed = guessed.as_str(),
-                    released = key.as_str(),
-                    "the shard read while attesting is not the released one; reading it anew"
-                );
+                if guessed == *key {
+                    tracing::info!(
+                        key = key.as_str(),
+                        held_ms = requested_at.elapsed().as_millis() as u64,
+                        "the shard read while attesting waited too long for the keys; reading it anew"
+                    );
+                } else {
+                    tracing::info!(
+                        guessed = guessed.as_str(),
+                        released = key.as_str(),
+                        "the shard read while attesting is not the released one; reading it anew"
+                    );
+                }
                 None
             }
             _ => {
@@ -766,4 +783,66 @@ async fn fetch_and_open(
         decrypt,
         fetched_at: Instant::now(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shardseal_attestation::ModelVersion;
+
+    /// A local store holding `bytes` as stage 0's shard of version 1 of model `m`.
+    async fn store_with_shard(bytes: &[u8]) -> (tempfile::TempDir, Arc<dyn ShardStore>) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StoreConfig::from_url(dir.path().to_str().unwrap())
+            .unwrap()
+            .open()
+            .unwrap();
+        let key = StoreKey::shard(&ModelId::new("m").unwrap(), ModelVersion(1), StageIndex(0));
+        store
+            .put(&key, Bytes::copy_from_slice(bytes))
+            .await
+            .unwrap();
+        (dir, store)
+    }
+
+    #[tokio::test]
+    async fn a_prefetch_serves_only_the_released_shard_and_only_while_fresh() {
+        let shard: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        let (_dir, store) = store_with_shard(&shard).await;
+        let model = ModelId::new("m").unwrap();
+        let released = StoreKey::shard(&model, ModelVersion(1), StageIndex(0));
+        let start = || Prefetch::start(store.clone(), model.clone(), StageIndex(0));
+
+        // The released shard, in time: exactly its bytes.
+        let (ciphertext, _) = start()
+            .take_within(&released, Duration::from_secs(10))
+            .await
+            .expect("the prefetch is used");
+        let read: Vec<Bytes> = ciphertext.try_collect().await.unwrap();
+        assert_eq!(read.concat(), shard);
+
+        // Held too long, or another version released: read anew.
+        assert!(
+            start()
+                .take_within(&released, Duration::ZERO)
+                .await
+                .is_none()
+        );
+        let other = StoreKey::shard(&model, ModelVersion(2), StageIndex(0));
+        assert!(
+            start()
+                .take_within(&other, Duration::from_secs(10))
+                .await
+                .is_none()
+        );
+        // Nothing stored for the stage: no guess.
+        let nothing = Prefetch::start(store.clone(), model.clone(), StageIndex(1));
+        let stage1 = StoreKey::shard(&model, ModelVersion(1), StageIndex(1));
+        assert!(
+            nothing
+                .take_within(&stage1, Duration::from_secs(10))
+                .await
+                .is_none()
+        );
+    }
 }
