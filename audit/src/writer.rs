@@ -262,7 +262,17 @@ impl AuditWriter {
     /// [`FsyncPolicy::Always`]). May first rotate to a new file, and may then write a
     /// checkpoint.
     pub fn append(&self, event: &AuditEvent) -> Result<u64> {
-        self.lock().guard(|state| state.append_event(event))
+        self.lock()
+            .guard(|state| state.append_events(std::slice::from_ref(event)))
+            .map(|seqs| seqs[0])
+    }
+
+    /// Appends `events` in order, with no other append between them (only a checkpoint, when
+    /// one falls due), and returns their sequence numbers once all are written and, under
+    /// [`FsyncPolicy::Always`], fsynced: one fsync for all of them, where appending them one
+    /// by one costs one each. A crash may keep any prefix of them, as it would one by one.
+    pub fn append_all(&self, events: &[AuditEvent]) -> Result<Vec<u64>> {
+        self.lock().guard(|state| state.append_events(events))
     }
 
     /// Writes a signed checkpoint of everything so far (unless the last entry already is one),
@@ -385,7 +395,25 @@ impl WriterState {
         sync_parent_dir(&self.file_path)
     }
 
-    fn append_event(&mut self, event: &AuditEvent) -> Result<u64> {
+    fn append_events(&mut self, events: &[AuditEvent]) -> Result<Vec<u64>> {
+        let seqs = events
+            .iter()
+            .map(|event| self.write_event(event))
+            .collect::<Result<Vec<_>>>()?;
+        // A checkpoint written meanwhile synced everything before it.
+        match self.options.fsync {
+            FsyncPolicy::Always => self.sync()?,
+            FsyncPolicy::Every(n) if self.unsynced_entries >= u64::from(n.get()) => {
+                self.sync()?;
+            }
+            FsyncPolicy::Every(_) | FsyncPolicy::OnCheckpoint => {}
+        }
+        Ok(seqs)
+    }
+
+    /// Writes one event (first rotating, then checkpointing, when due), unsynced unless a
+    /// checkpoint was written.
+    fn write_event(&mut self, event: &AuditEvent) -> Result<u64> {
         if self.file_entries > 0
             && (self.file_bytes >= self.options.max_file_bytes
                 || self.file_entries >= self.options.max_file_entries)
@@ -399,14 +427,6 @@ impl WriterState {
             && self.events_since_checkpoint >= self.options.checkpoint_every
         {
             self.write_checkpoint()?;
-        } else {
-            match self.options.fsync {
-                FsyncPolicy::Always => self.sync()?,
-                FsyncPolicy::Every(n) if self.unsynced_entries >= u64::from(n.get()) => {
-                    self.sync()?;
-                }
-                FsyncPolicy::Every(_) | FsyncPolicy::OnCheckpoint => {}
-            }
         }
         Ok(seq)
     }

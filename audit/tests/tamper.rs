@@ -854,3 +854,58 @@ fn a_second_writer_on_the_same_directory_is_refused() {
         .close()
         .unwrap();
 }
+
+#[test]
+fn events_appended_together_stay_together_and_verify() {
+    let dir = tempfile::tempdir().unwrap();
+    // A checkpoint every 3 events falls inside some groups; fsync on every append.
+    let writer = std::sync::Arc::new(
+        AuditWriter::open(
+            dir.path(),
+            signer(1),
+            options(3).with_fsync(FsyncPolicy::Always),
+        )
+        .unwrap(),
+    );
+    let threads: Vec<_> = (0..4)
+        .map(|t| {
+            let writer = writer.clone();
+            std::thread::spawn(move || {
+                (0..25)
+                    .map(|i| {
+                        let first = t * 1000 + i * 10;
+                        if i % 5 == 0 {
+                            vec![writer.append(&event(first)).unwrap()]
+                        } else {
+                            writer
+                                .append_all(&[event(first), event(first + 1), event(first + 2)])
+                                .unwrap()
+                        }
+                    })
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    let groups: Vec<Vec<u64>> = threads
+        .into_iter()
+        .flat_map(|thread| thread.join().unwrap())
+        .collect();
+    drop(writer);
+
+    let report = verify_dir(dir.path(), &VerifyOptions::default()).unwrap();
+    assert_eq!(report.events, 4 * (5 + 20 * 3));
+    let records: std::collections::HashMap<u64, bool> = LogReader::open(dir.path())
+        .unwrap()
+        .map(|r| {
+            let r = r.unwrap();
+            (r.record.seq, matches!(r.record.body, RecordBody::Event(_)))
+        })
+        .collect();
+    for group in groups.iter().filter(|g| g.len() > 1) {
+        assert!(group.windows(2).all(|w| w[0] < w[1]), "{group:?}");
+        for seq in group[0]..=group[group.len() - 1] {
+            // Within a group: its own events, and a checkpoint at most.
+            assert!(group.contains(&seq) || !records[&seq], "{group:?} {seq}");
+        }
+    }
+}

@@ -375,8 +375,13 @@ impl Inner {
 
     /// Appends to the audit log off the async workers (each append is fsynced).
     async fn record(&self, event: AuditEvent) -> Result<(), BrokerError> {
+        self.record_all(vec![event]).await
+    }
+
+    /// Records `events` together: in order, with one fsync for all.
+    async fn record_all(&self, events: Vec<AuditEvent>) -> Result<(), BrokerError> {
         let audit = self.audit.clone();
-        tokio::task::spawn_blocking(move || audit.append(&event))
+        tokio::task::spawn_blocking(move || audit.append_all(&events))
             .await
             .map_err(|e| BrokerError::TaskFailed(e.to_string()))??;
         Ok(())
@@ -746,19 +751,21 @@ impl Inner {
         let token = to_blob(&Signed::sign(&token, &self.identity).map_err(BrokerError::Crypto)?);
         let sealed = self.seal_release(record, stage, &nonce, &ephemeral, &token)?;
 
-        self.record(AuditEvent::AttestAccepted {
-            model: model.clone(),
-            stage,
-            measurement,
-            tee: TeeName::new(tee_name(quote.tee()))?,
-        })
-        .await?;
-        self.record(AuditEvent::KeyReleased {
-            model: model.clone(),
-            version: record.version(),
-            stage,
-            measurement,
-        })
+        // Both on record before the keys leave, written together.
+        self.record_all(vec![
+            AuditEvent::AttestAccepted {
+                model: model.clone(),
+                stage,
+                measurement,
+                tee: TeeName::new(tee_name(quote.tee()))?,
+            },
+            AuditEvent::KeyReleased {
+                model: model.clone(),
+                version: record.version(),
+                stage,
+                measurement,
+            },
+        ])
         .await?;
         tracing::info!(model = %model, stage = stage.0, %measurement, "keys released");
         shardseal_proto::metrics::global()
