@@ -186,7 +186,7 @@ struct StageColdStart {
     /// when it logs one; otherwise `spawn_to_ready_ms - total_ms` (which then also holds
     /// binding the listener and the ready line).
     process_start_ms: Option<f64>,
-    /// TLS to the broker and its identity, when the function logs it apart from
+    /// TLS to the broker, its identity and a nonce, when the function logs it apart from
     /// `attest_ms`.
     connect_ms: Option<f64>,
     /// Quote from the agent, attestation and key release by the broker.

@@ -429,11 +429,14 @@ async fn attest_once(
         .map_err(|e| Unreachable(Error::Broker(format!("connect: {e}"))))?;
     let mut broker = KeyBrokerClient::new(channel);
 
-    let info = broker
-        .get_broker_info(BrokerInfoRequest {})
-        .await
-        .map_err(broker_error)?
-        .into_inner();
+    // The broker's identity and a nonce, asked for at once: a nonce is public, and it is
+    // used only once the identity checked out.
+    let mut nonces = broker.clone();
+    let (info, nonce_reply) = tokio::join!(
+        broker.get_broker_info(BrokerInfoRequest {}),
+        nonces.get_nonce(NonceRequest {}),
+    );
+    let info = info.map_err(broker_error)?.into_inner();
     let broker_id = hex::encode(&info.identity_key);
     let broker_key = VerifyingKey::from_slice(&info.identity_key).map_err(|_| {
         Final(Error::Broker(
@@ -451,11 +454,7 @@ async fn attest_once(
 
     let ephemeral = RecipientPrivateKey::generate().map_err(|e| Final(Error::Keys(e)))?;
     let ephemeral_public = ephemeral.public_key();
-    let nonce_reply = broker
-        .get_nonce(NonceRequest {})
-        .await
-        .map_err(broker_error)?
-        .into_inner();
+    let nonce_reply = nonce_reply.map_err(broker_error)?.into_inner();
     let nonce_bytes: [u8; 32] = nonce_reply
         .nonce
         .as_slice()
@@ -516,11 +515,11 @@ pub struct ColdStartTimings {
     /// From process start (fork) to entering the cold start: exec, dynamic loading,
     /// argument parsing, the async runtime.
     pub startup_ms: f64,
-    /// Hardening, TLS to the broker and its identity (and any waiting for an unreachable
-    /// broker or quoting agent, retried with backoff).
+    /// Hardening, TLS to the broker, its identity and a nonce (asked for together), and any
+    /// waiting for an unreachable broker or quoting agent, retried with backoff.
     pub connect_ms: f64,
-    /// Quote and key release: nonce, quote from the agent, attestation at the broker,
-    /// opening the release.
+    /// Quote and key release: quote from the agent, attestation at the broker, opening the
+    /// release.
     pub attest_ms: f64,
     /// Reading the sealed shard from the store and gathering it into chunk buffers, wall
     /// clock from request to last byte. Overlaps `decrypt_ms`, and `connect_ms` and

@@ -314,12 +314,20 @@ impl Cluster {
         stage: u32,
         extra_args: &[&str],
     ) -> ReadyProcess {
+        let mut command = self.function_command(model_id, stage, &self.trust.broker_key.to_hex());
+        command.args(extra_args);
+        ReadyProcess::start(command, &format!("function {model_id}/{stage}")).await
+    }
+
+    /// The command [`Cluster::start_function`] runs, pinning `broker_key` (hex) as the
+    /// broker's identity, not started.
+    pub fn function_command(&self, model_id: &str, stage: u32, broker_key: &str) -> Command {
         let state = self.state.path();
         let mut command = Command::new(&self.exe);
         command
             .arg("function")
             .args(["--broker", &self.broker_url])
-            .args(["--broker-key", &self.trust.broker_key.to_hex()])
+            .args(["--broker-key", broker_key])
             .arg("--pki")
             .arg(state.join("pki"))
             .arg("--agent-socket")
@@ -327,9 +335,9 @@ impl Cluster {
             .args(["--store", &self.store_url])
             .args(["--model", model_id, "--stage", &stage.to_string()])
             .args(["--listen", "127.0.0.1:0"])
-            .args(extra_args)
-            .envs(self.store_env.iter().map(|(k, v)| (*k, v.as_str())));
-        ReadyProcess::start(command, &format!("function {model_id}/{stage}")).await
+            .envs(self.store_env.iter().map(|(k, v)| (*k, v.as_str())))
+            .kill_on_drop(true);
+        command
     }
 
     /// Starts another coordinator of this deployment on the static platform, routing to

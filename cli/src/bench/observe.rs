@@ -34,7 +34,7 @@ pub(super) struct ReplicaReady {
 pub(super) struct FunctionColdStart {
     /// Process start (fork) to the cold start's first step, when the function logs it.
     pub startup_ms: Option<f64>,
-    /// TLS to the broker and its identity, when logged apart from `attest_ms`.
+    /// TLS to the broker, its identity and a nonce, when logged apart from `attest_ms`.
     pub connect_ms: Option<f64>,
     /// Quote from the agent, attestation and key release by the broker.
     pub attest_ms: Option<f64>,
