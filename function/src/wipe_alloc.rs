@@ -134,29 +134,18 @@ unsafe impl GlobalAlloc for WipeOnFree {
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         let mapped = mapped_blocks::contains(ptr)
             || (mapped_blocks::mapping() && new_size >= mapped_blocks::LARGE_BLOCK);
-        if mapped {
-            // To or from a mapped block: a new block, the contents copied, the old freed
-            // (by whichever side it came from).
-            // SAFETY: as below, with `self.alloc` and `self.dealloc` choosing the side.
-            return unsafe {
-                let new_layout = Layout::from_size_align_unchecked(new_size, layout.align());
-                let new = self.alloc(new_layout);
-                if !new.is_null() {
-                    std::ptr::copy_nonoverlapping(ptr, new, layout.size().min(new_size));
-                    self.dealloc(ptr, layout);
-                }
-                new
-            };
-        }
-        if !Self::wiping() {
+        if !mapped && !Self::wiping() {
             // SAFETY: forwarded unchanged; the block came from `System`.
             return unsafe { System.realloc(ptr, layout, new_size) };
         }
+        // A block this process wipes, or one moving to or from a mapped block: copied into a
+        // new block (`alloc` chooses the side), the old one then wiped or released by
+        // `dealloc`.
         // SAFETY: the new layout is valid (same alignment, size checked by the caller per
-        // the `realloc` contract); the old block is copied, then wiped and freed.
+        // the `realloc` contract); the old block is copied, then freed.
         unsafe {
             let new_layout = Layout::from_size_align_unchecked(new_size, layout.align());
-            let new = System.alloc(new_layout);
+            let new = self.alloc(new_layout);
             if !new.is_null() {
                 std::ptr::copy_nonoverlapping(ptr, new, layout.size().min(new_size));
                 self.dealloc(ptr, layout);
