@@ -39,7 +39,8 @@
 //! BENCHMARKS.md ("Loading lean").
 //!
 //! Every freed block is still wiped first, by [`crate::WipeOnFree`] in the function
-//! binaries.
+//! binaries, but for the blocks a lean load hands back to the system (their pages leave
+//! the process; see `mapped_blocks`).
 
 /// glibc's own upper bound for its dynamic mapping threshold on 64-bit systems (32 MiB):
 /// blocks up to this size come from the heap instead of being mapped each on its own.
