@@ -91,15 +91,16 @@ pub const MAX_BATCH: u16 = 256;
 pub fn main_with(args: FunctionArgs) -> Result<(), Error> {
     // Before any thread exists: malloc creates its arenas as threads first allocate (see
     // `memory`).
-    crate::memory::prepare_malloc(args.load_memory);
+    let load_memory = crate::memory::prepare_malloc(args.load_memory);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .map_err(|e| Error::Config(format!("runtime: {e}")))?;
-    runtime.block_on(serve(args))
+    runtime.block_on(serve(args, load_memory))
 }
 
-async fn serve(args: FunctionArgs) -> Result<(), Error> {
+/// Serves as `args` say, loading the shard as `load_memory` (the mode in effect) says.
+async fn serve(args: FunctionArgs, load_memory: LoadMemory) -> Result<(), Error> {
     // Checked before the cold start, so a function that would refuse to serve never asks
     // for keys.
     if args.danger_h2c_loopback
@@ -158,7 +159,7 @@ async fn serve(args: FunctionArgs) -> Result<(), Error> {
         fetch_decrypt_ms = t.fetch_decrypt_ms,
         load_ms = t.load_ms, optimize_ms = t.optimize_ms, total_ms = t.total_ms,
         shard_bytes = t.shard_bytes, peak_rss_bytes = t.peak_rss_bytes,
-        load_memory = %args.load_memory.as_str(),
+        load_memory = %load_memory.as_str(),
         mapped_blocks = crate::WipeOnFree::mapped_block_count(),
         "cold start"
     );

@@ -86,9 +86,9 @@ impl LoadMemory {
 
 /// Sets malloc up for loading a shard: one arena, blocks up to 32 MiB from the heap, no
 /// trimming; for a lean load, large blocks mapped on their own (if the address range for
-/// them cannot be reserved, it says so and loads fast). Call before any other thread
-/// exists (arenas are made as threads first allocate).
-pub(crate) fn prepare_malloc(mode: LoadMemory) {
+/// them cannot be reserved, it says so and loads fast). Returns the mode in effect. Call
+/// before any other thread exists (arenas are made as threads first allocate).
+pub(crate) fn prepare_malloc(mode: LoadMemory) -> LoadMemory {
     mallopt(libc::M_ARENA_MAX, 1);
     mallopt(libc::M_MMAP_THRESHOLD, HEAP_BLOCK_LIMIT);
     mallopt(libc::M_TRIM_THRESHOLD, LOADING_TRIM_THRESHOLD);
@@ -96,7 +96,9 @@ pub(crate) fn prepare_malloc(mode: LoadMemory) {
         && let Err(error) = crate::WipeOnFree::map_large_blocks()
     {
         tracing::warn!(%error, "cannot reserve address space for a lean load; loading fast");
+        return LoadMemory::Fast;
     }
+    mode
 }
 
 /// Once the shard is loaded: stops mapping large blocks (serving reuses the heap's),
