@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 /// Blocks of at least this size are mapped while mapping is on. Smaller ones (names,
 /// shapes, small tensors) stay on the heap, where mapping would cost a page each.
-pub(crate) const LARGE_BLOCK: usize = 256 << 10;
+const LARGE_BLOCK: usize = 256 << 10;
 
 /// Address space reserved for mapped blocks (64 GiB, none of it memory until used).
 /// Once used up, large blocks come from the heap again.
@@ -76,9 +76,10 @@ pub(crate) fn stop() {
     MAPPING.store(false, Ordering::Release);
 }
 
-/// Whether new large blocks are being mapped.
-pub(crate) fn mapping() -> bool {
-    MAPPING.load(Ordering::Acquire)
+/// Whether a new block of `size` bytes would be mapped (alignment aside): mapping is on
+/// and the block is large.
+pub(crate) fn maps(size: usize) -> bool {
+    MAPPING.load(Ordering::Acquire) && size >= LARGE_BLOCK
 }
 
 /// Whether `ptr` lies in the reserved range (so was mapped here).
@@ -93,7 +94,7 @@ pub(crate) fn contains(ptr: *const u8) -> bool {
 /// system refuses: the caller then takes the block from the heap.
 pub(crate) fn map(size: usize, align: usize) -> Option<*mut u8> {
     let page = PAGE.load(Ordering::Relaxed);
-    if !mapping() || size < LARGE_BLOCK || align > page {
+    if !maps(size) || align > page {
         return None;
     }
     let len = size.checked_next_multiple_of(page)?;

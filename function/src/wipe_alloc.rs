@@ -132,8 +132,7 @@ unsafe impl GlobalAlloc for WipeOnFree {
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        let mapped = mapped_blocks::contains(ptr)
-            || (mapped_blocks::mapping() && new_size >= mapped_blocks::LARGE_BLOCK);
+        let mapped = mapped_blocks::contains(ptr) || mapped_blocks::maps(new_size);
         if !mapped && !Self::wiping() {
             // SAFETY: forwarded unchanged; the block came from `System`.
             return unsafe { System.realloc(ptr, layout, new_size) };
