@@ -36,6 +36,14 @@ pub use memory::{LoadMemory, keep_freed_memory_for_reuse, peak_rss_bytes};
 pub use service::{MAX_MESSAGE_BYTES, StageService, run};
 pub use wipe_alloc::WipeOnFree;
 
+/// What the fuzz targets in `fuzz/` call, built only with `--cfg fuzzing` (as
+/// `.ci/fuzz.sh` builds): not part of the crate's API.
+#[cfg(fuzzing)]
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use crate::onnx_decode::assert_decodes_as_prost;
+}
+
 /// The environment variable that selects the log format (`text` or `json`) of every
 /// ShardSeal process; children inherit it.
 pub const LOG_FORMAT_ENV: &str = "SHARDSEAL_LOG_FORMAT";

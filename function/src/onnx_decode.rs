@@ -220,6 +220,87 @@ fn declared_layout(proto: &pb::TensorProto) -> Option<Layout> {
     Some(Layout { dt, shape })
 }
 
+/// Checks [`decode_model`] against prost on any bytes, handed over in pieces of at most
+/// `piece` bytes (as a shard's chunks): both accept or both refuse, and when both accept,
+/// the model apart from its initializers is prost's, and each initializer is, in order,
+/// prost's `TensorProto` or (for raw data loaded here) a tensor holding exactly the bytes,
+/// type and shape tract makes of that `TensorProto`. Panics on any difference. For the
+/// property tests and the `onnx_model` fuzz target.
+///
+/// One difference is allowed: prost stops nesting at 100 levels, and this decoder, which
+/// cannot enter prost's recursion counter for the graph and initializer levels it walks
+/// itself, at 102; a model prost refuses only for its nesting may decode here.
+#[cfg(any(test, fuzzing))]
+pub fn assert_decodes_as_prost(bytes: &[u8], piece: usize) {
+    let reference = pb::ModelProto::decode(bytes);
+    let decoded = decode_model(&mut Pieces {
+        bytes,
+        piece: piece.max(1),
+    });
+    let (mut reference, (model, initializers)) = match (reference, decoded) {
+        (Ok(reference), Ok(decoded)) => (reference, decoded),
+        (Err(_), Err(_)) => return,
+        (Err(refused), Ok(_)) if refused.to_string().contains("recursion limit") => return,
+        (reference, decoded) => panic!(
+            "prost {} the model, decode_model {}",
+            if reference.is_ok() {
+                "accepts"
+            } else {
+                "refuses"
+            },
+            if decoded.is_ok() {
+                "accepts"
+            } else {
+                "refuses"
+            },
+        ),
+    };
+    let expected = reference
+        .graph
+        .as_mut()
+        .map(|graph| std::mem::take(&mut graph.initializer))
+        .unwrap_or_default();
+    assert_eq!(model, reference, "the model apart from its initializers");
+    assert_eq!(initializers.len(), expected.len(), "initializer count");
+    for (ours, theirs) in initializers.into_iter().zip(expected) {
+        match ours {
+            Initializer::Proto(proto) => assert_eq!(proto, theirs),
+            Initializer::Loaded { name, value } => {
+                assert_eq!(name, theirs.name);
+                let onnx = tract_onnx::onnx();
+                let tracts = tract_onnx::tensor::load_tensor(&*onnx.provider, &theirs, None)
+                    .expect("tract loads what decode_model loaded");
+                // Bytes, not values: NaN is not equal to itself.
+                assert_eq!(
+                    (value.datum_type(), value.shape(), value.as_bytes()),
+                    (tracts.datum_type(), tracts.shape(), tracts.as_bytes()),
+                    "initializer {name}"
+                );
+            }
+        }
+    }
+}
+
+/// A `Buf` over `bytes` cut into pieces of at most `piece` bytes, as a shard's chunks.
+#[cfg(any(test, fuzzing))]
+struct Pieces<'a> {
+    bytes: &'a [u8],
+    piece: usize,
+}
+
+#[cfg(any(test, fuzzing))]
+impl Buf for Pieces<'_> {
+    fn remaining(&self) -> usize {
+        self.bytes.len()
+    }
+    fn chunk(&self) -> &[u8] {
+        &self.bytes[..self.bytes.len().min(self.piece)]
+    }
+    fn advance(&mut self, count: usize) {
+        self.bytes = &self.bytes[count..];
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -285,24 +366,6 @@ mod tests {
                 }
             })
             .collect()
-    }
-
-    /// A `Buf` over `bytes` cut into pieces of at most `piece` bytes, as a shard's chunks.
-    struct Pieces<'a> {
-        bytes: &'a [u8],
-        piece: usize,
-    }
-
-    impl Buf for Pieces<'_> {
-        fn remaining(&self) -> usize {
-            self.bytes.len()
-        }
-        fn chunk(&self) -> &[u8] {
-            &self.bytes[..self.bytes.len().min(self.piece)]
-        }
-        fn advance(&mut self, count: usize) {
-            self.bytes = &self.bytes[count..];
-        }
     }
 
     fn f32_bytes(values: &[f32]) -> Vec<u8> {
@@ -405,6 +468,106 @@ mod tests {
         prost::encoding::encode_varint(1, &mut wrong);
         assert!(pb::ModelProto::decode(&wrong[..]).is_err());
         assert!(decode_model(&mut &wrong[..]).is_err());
+    }
+
+    /// A model holding every kind of initializer the decoder tells apart (raw data loaded
+    /// here, typed values, `Bool`, data shorter than its shape) and a node with attributes.
+    fn every_kind_of_initializer() -> Vec<u8> {
+        let mut typed = tensor("typed", DataType::Int64, &[2], vec![]);
+        typed.int64_data = vec![3, -4];
+        let mut model = model(vec![
+            tensor(
+                "w",
+                DataType::Float,
+                &[2, 2],
+                f32_bytes(&[1., -2., 3., 0.5]),
+            ),
+            typed,
+            tensor("bool", DataType::Bool, &[2], vec![1, 0]),
+            tensor("short", DataType::Float, &[3], f32_bytes(&[1.0])),
+            tensor("h", DataType::Float16, &[1], vec![0x00, 0x3c]),
+        ]);
+        if let Some(graph) = model.graph.as_mut() {
+            graph.node[0].attribute.push(pb::AttributeProto {
+                name: "alpha".into(),
+                f: 0.5,
+                ints: vec![1, 2],
+                ..Default::default()
+            });
+        }
+        model.encode_to_vec()
+    }
+
+    /// A model whose graph nests `depth` graphs, each in an attribute of a node of the one
+    /// above (three messages per level).
+    fn nested_graphs(depth: usize) -> Vec<u8> {
+        let mut graph = pb::GraphProto::default();
+        for _ in 0..depth {
+            graph = pb::GraphProto {
+                node: vec![pb::NodeProto {
+                    attribute: vec![pb::AttributeProto {
+                        name: "body".into(),
+                        g: Some(graph),
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            };
+        }
+        pb::ModelProto {
+            graph: Some(graph),
+            ..Default::default()
+        }
+        .encode_to_vec()
+    }
+
+    #[test]
+    fn nesting_is_bounded_as_prost_bounds_it_give_or_take_two_levels() {
+        let refused_by_prost =
+            (20..40).find(|&depth| pb::ModelProto::decode(&nested_graphs(depth)[..]).is_err());
+        let refused_by_prost = refused_by_prost.expect("prost bounds nesting");
+        for depth in refused_by_prost - 3..=refused_by_prost + 1 {
+            assert_decodes_as_prost(&nested_graphs(depth), 5);
+        }
+        // Two levels deeper than prost's limit is refused here too.
+        let deep = nested_graphs(refused_by_prost + 1);
+        assert!(decode_model(&mut &deep[..]).is_err());
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// Byte overwrites, insertions and deletions anywhere in a valid model: whatever
+        /// they make of it, `decode_model` accepts and refuses as prost does, and what it
+        /// accepts is what prost and tract make of the same bytes.
+        #[test]
+        fn damaged_models_decode_as_prost_decodes_them(
+            edits in prop::collection::vec((any::<prop::sample::Index>(), 0u8..3, any::<u8>()), 1..6),
+            piece in 1usize..64,
+        ) {
+            let mut bytes = every_kind_of_initializer();
+            for (at, kind, byte) in edits {
+                let at = at.index(bytes.len() + 1);
+                match kind {
+                    0 if at < bytes.len() => bytes[at] = byte,
+                    1 => bytes.insert(at, byte),
+                    _ if at < bytes.len() => {
+                        bytes.remove(at);
+                    }
+                    _ => {}
+                }
+            }
+            assert_decodes_as_prost(&bytes, piece);
+        }
+
+        #[test]
+        fn arbitrary_bytes_decode_as_prost_decodes_them(
+            bytes in prop::collection::vec(any::<u8>(), 0..256),
+            piece in 1usize..64,
+        ) {
+            assert_decodes_as_prost(&bytes, piece);
+        }
     }
 
     proptest! {
