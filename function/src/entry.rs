@@ -161,6 +161,7 @@ async fn serve(args: FunctionArgs, load_memory: LoadMemory) -> Result<(), Error>
         shard_bytes = t.shard_bytes, peak_rss_bytes = t.peak_rss_bytes,
         load_memory = %load_memory.as_str(),
         mapped_blocks = crate::WipeOnFree::mapped_block_count(),
+        reused_blocks = crate::WipeOnFree::reused_block_count(),
         "cold start"
     );
     let pki = Pki::open(&args.pki).map_err(|e| Error::Config(e.to_string()))?;

@@ -32,9 +32,10 @@
 //! weights (axis changes, folded constants, packing) and frees the old forms only as each
 //! pass ends, and the blocks it frees rarely fit its next copies, so the heap peaks near
 //! twice the shard. `--load-memory lean` ([`LoadMemory::Lean`]) maps each block of 256 KiB
-//! or more on its own while the shard loads, and hands its pages back the moment it is
-//! freed (`mapped_blocks`): the peak stays near what is live, and every new block is
-//! faulted in page by page, so the cold start is longer. Serving is the same in both
+//! or more on its own while the shard loads, and hands its pages back soon after it is
+//! freed (`mapped_blocks` keeps the last 16 MiB freed for reuse): the peak stays near what
+//! is live, and every block not reused is faulted in page by page, so the cold start is
+//! longer. Serving is the same in both
 //! (mapping stops once the shard is loaded). Measured side by side on ResNet-50 in
 //! BENCHMARKS.md ("Loading lean").
 //!

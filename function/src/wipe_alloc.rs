@@ -8,7 +8,8 @@
 //! grow in place): 2.2 % of a ResNet-50 stage's CPU under load (`perf`, BENCHMARKS.md).
 //!
 //! A function that loads with `--load-memory lean` maps large blocks each on its own while
-//! it loads (`mapped_blocks`); freeing one hands its pages straight back to the system.
+//! it loads (`mapped_blocks`); freeing one hands its pages back to the system, or keeps it,
+//! wiped, among the few most recently freed for reuse.
 //!
 //! One executable serves every role, so a process whose memory holds no secret of anyone's
 //! turns wiping off for itself ([`WipeOnFree::stop_in_this_process`]): the coordinator
@@ -68,15 +69,21 @@ impl WipeOnFree {
         mapped_blocks::reserve(mapped_blocks::RESERVED_BYTES)
     }
 
-    /// Takes large blocks from the heap again; those already mapped are released when
-    /// freed.
+    /// Takes large blocks from the heap again and hands back the freed ones kept for
+    /// reuse; those still in use are released when freed.
     pub fn stop_mapping_large_blocks() {
         mapped_blocks::stop();
     }
 
-    /// How many blocks [`WipeOnFree::map_large_blocks`] has had mapped so far.
+    /// How many blocks [`WipeOnFree::map_large_blocks`] has had mapped fresh so far.
     pub fn mapped_block_count() -> usize {
         mapped_blocks::mapped_count()
+    }
+
+    /// How many large blocks were handed out again, wiped, from those freed while mapping
+    /// was on, instead of mapped fresh.
+    pub fn reused_block_count() -> usize {
+        mapped_blocks::reused_count()
     }
 
     /// Whether `ptr` points into a block mapped by [`WipeOnFree::map_large_blocks`].
@@ -91,8 +98,8 @@ impl WipeOnFree {
 
 // SAFETY: every method forwards to `System` with the caller's layout, as the `GlobalAlloc`
 // contract requires, or, for a large block while a lean load maps them, to
-// `mapped_blocks` (fresh zeroed pages of at least the size, aligned to a page, which is at
-// least the layout's alignment; freed there by address). The only other addition is
+// `mapped_blocks` (zeroed pages of at least the size, fresh or wiped, aligned to a page,
+// which is at least the layout's alignment; freed there by address). The only other addition is
 // writing zeros over memory the caller owns and is giving back, before it is freed.
 #[allow(unsafe_code)]
 unsafe impl GlobalAlloc for WipeOnFree {
@@ -105,7 +112,7 @@ unsafe impl GlobalAlloc for WipeOnFree {
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        // Fresh pages are zero.
+        // Mapped blocks are zero: fresh pages, or wiped when kept.
         if let Some(block) = mapped_blocks::map(layout.size(), layout.align()) {
             return block;
         }
@@ -115,8 +122,8 @@ unsafe impl GlobalAlloc for WipeOnFree {
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         if mapped_blocks::contains(ptr) {
-            // SAFETY: a block `map` gave out with this size, now the allocator's again. Its
-            // pages leave the process, so it needs no wipe (see `mapped_blocks`).
+            // SAFETY: a block `map` gave out with this size, now the allocator's again.
+            // `release` wipes it if it keeps it; otherwise its pages leave the process.
             unsafe { mapped_blocks::release(ptr, layout.size()) };
             return;
         }

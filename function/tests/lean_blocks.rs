@@ -1,7 +1,8 @@
 //! `WipeOnFree::map_large_blocks` (a function's `--load-memory lean`): large blocks are
-//! mapped each on its own and handed back to the system when freed, small ones stay on
-//! the heap, contents survive every move between the two, and blocks mapped before
-//! mapping stops are still freed as mapped blocks afterwards. The switch is process-wide,
+//! mapped each on its own and handed back to the system when freed (but for the last
+//! 16 MiB freed, kept wiped for reuse until mapping stops), small ones stay on the heap,
+//! contents survive every move between the two, and blocks mapped before mapping stops
+//! are still freed as mapped blocks afterwards. The switch is process-wide,
 //! so this binary holds this one test.
 
 use shardseal_function::WipeOnFree;
@@ -105,17 +106,41 @@ fn large_blocks_are_mapped_while_on_and_handed_back_when_freed() {
     let mapped = WipeOnFree::mapped_block_count();
     assert!(mapped >= 8, "{mapped} blocks mapped");
 
-    // Once mapping stops, large blocks come from the heap again, and a block mapped
-    // before is still read, grown and freed as a mapped one.
-    let mut kept = filled(2 * MIB);
-    assert!(WipeOnFree::is_mapped_block(kept.as_ptr()));
+    // Freed blocks are kept for the next of their size, wiped, but no more than 16 MiB of
+    // them: freeing 48 MiB in blocks of 1 MiB gives at least 32 back at once.
+    let many: Vec<Vec<u8>> = (0..48).map(|_| filled(MIB)).collect();
+    assert!(many.iter().all(|b| WipeOnFree::is_mapped_block(b.as_ptr())));
+    let with_many = resident();
+    drop(many);
+    let kept_back = with_many.saturating_sub(resident());
+    assert!(
+        kept_back >= 30 * MIB,
+        "freeing 48 MiB gave back {kept_back} bytes"
+    );
+    let reused = WipeOnFree::reused_block_count();
+    let again = vec![0u8; MIB];
+    assert!(WipeOnFree::is_mapped_block(again.as_ptr()));
+    assert!(again.iter().all(|b| *b == 0));
+    assert_eq!(WipeOnFree::reused_block_count(), reused + 1);
+    let mapped = WipeOnFree::mapped_block_count();
+
+    // Once mapping stops, the kept blocks go back, large blocks come from the heap again,
+    // and a block mapped before is still read, grown and freed as a mapped one.
+    let mut old = filled(2 * MIB);
+    assert!(WipeOnFree::is_mapped_block(old.as_ptr()));
+    let with_kept = resident();
     WipeOnFree::stop_mapping_large_blocks();
+    let handed_back = with_kept.saturating_sub(resident());
+    assert!(
+        handed_back >= 12 * MIB,
+        "stopping gave back {handed_back} bytes"
+    );
     let after = filled(2 * MIB);
     assert!(!WipeOnFree::is_mapped_block(after.as_ptr()));
-    assert!(holds_pattern(&kept));
-    kept.extend((kept.len()..3 * MIB).map(pattern));
-    assert!(!WipeOnFree::is_mapped_block(kept.as_ptr()));
-    assert!(holds_pattern(&kept));
+    assert!(holds_pattern(&old));
+    old.extend((old.len()..3 * MIB).map(pattern));
+    assert!(!WipeOnFree::is_mapped_block(old.as_ptr()));
+    assert!(holds_pattern(&old));
     assert_eq!(WipeOnFree::mapped_block_count(), mapped + 1);
-    drop((kept, after, blocks, before, small, zeroed));
+    drop((old, after, again, blocks, before, small, zeroed));
 }
