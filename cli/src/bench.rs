@@ -217,7 +217,7 @@ struct StageColdStart {
     /// `spawn_to_ready_ms / plain_fresh_process_ms`.
     fresh_ratio: f64,
     /// How the function spent memory while it loaded (`--load-memory`, which functions
-    /// take from `SHARDSEAL_LOAD_MEMORY`): `fast` or `lean`.
+    /// take from `SHARDSEAL_LOAD_MEMORY`): `fast` or `lean` (as `auto` decided it).
     load_memory: Option<String>,
     /// The function's peak resident memory (MiB) when it became ready, as it logged it:
     /// the load's peak, where `stage_peak_rss_mb` is the whole run's (serving included).

@@ -48,6 +48,7 @@ use shardseal_proto::v1::{
 use shardseal_store::{Error as StoreError, ShardStore, StoreConfig, StoreKey};
 use tonic::transport::{ClientTlsConfig, Endpoint};
 
+use crate::memory::LoadMemory;
 use crate::{Error, StageEngine, harden_process};
 
 /// Where a function finds the broker, the agent and its shard.
@@ -70,6 +71,9 @@ pub struct ColdStartConfig {
     pub stage: StageIndex,
     /// The most requests the stage may run as one batch (1: one by one).
     pub max_batch: usize,
+    /// How to spend memory while the shard loads, as set up by the process (`Auto` is
+    /// decided here, by the shard's size in the signed manifest).
+    pub load_memory: LoadMemory,
 }
 
 /// A stage whose keys were released to this process after it attested.
@@ -162,6 +166,8 @@ pub async fn cold_start(config: &ColdStartConfig) -> Result<AttestedStage, Error
         .iter()
         .find(|s| s.index == config.stage)
         .ok_or_else(|| Error::Broker("the manifest has no entry for this stage".into()))?;
+    // Decided before the shard is read: its chunks are the first large blocks.
+    let load_memory = crate::memory::decide(config.load_memory, entry.plaintext_size);
     let version = ModelVersion(release.version);
     let binding = ShardBinding::new(config.model.clone(), version, config.stage);
     // Store layout: models/MODEL/vVERSION/<shard_file>, as `shardseal keys provision`
@@ -226,6 +232,7 @@ pub async fn cold_start(config: &ColdStartConfig) -> Result<AttestedStage, Error
         total_ms: ms(total),
         shard_bytes,
         peak_rss_bytes: crate::memory::peak_rss_bytes().unwrap_or(0),
+        load_memory,
     };
 
     Ok(AttestedStage {
@@ -544,6 +551,8 @@ pub struct ColdStartTimings {
     pub shard_bytes: u64,
     /// The process's peak resident memory (VmHWM) once ready; 0 if unknown.
     pub peak_rss_bytes: u64,
+    /// How the shard was loaded (never `Auto`: as decided).
+    pub load_memory: LoadMemory,
 }
 
 /// How long this process has existed: now (`CLOCK_BOOTTIME`, from `/proc/uptime`) minus its

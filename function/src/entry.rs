@@ -74,9 +74,10 @@ pub struct FunctionArgs {
     pub max_batch: u16,
     /// How to spend memory while the shard loads: `fast` keeps freed memory in one heap
     /// for reuse (the shortest cold start; the peak is near twice the shard), `lean` hands
-    /// large blocks back as soon as they are freed (a peak near the shard, a longer cold
-    /// start). Serving is the same in both.
-    #[arg(long, env = LOAD_MEMORY_ENV, value_enum, default_value_t = LoadMemory::Fast)]
+    /// large blocks back soon after they are freed (a peak near the shard, a longer cold
+    /// start), `auto` loads lean a shard of 32 MiB or more and fast a smaller one. Serving
+    /// is the same in all.
+    #[arg(long, env = LOAD_MEMORY_ENV, value_enum, default_value_t = LoadMemory::Auto)]
     pub load_memory: LoadMemory,
 }
 
@@ -99,7 +100,8 @@ pub fn main_with(args: FunctionArgs) -> Result<(), Error> {
     runtime.block_on(serve(args, load_memory))
 }
 
-/// Serves as `args` say, loading the shard as `load_memory` (the mode in effect) says.
+/// Serves as `args` say, loading the shard as `load_memory` (the mode in effect, or `Auto`
+/// still to be decided) says.
 async fn serve(args: FunctionArgs, load_memory: LoadMemory) -> Result<(), Error> {
     // Checked before the cold start, so a function that would refuse to serve never asks
     // for keys.
@@ -146,6 +148,7 @@ async fn serve(args: FunctionArgs, load_memory: LoadMemory) -> Result<(), Error>
         model,
         stage: StageIndex(args.stage),
         max_batch: usize::from(args.max_batch),
+        load_memory,
     };
     let stage = cold_start(&config).await?;
     let lease_config = config.clone();
@@ -159,7 +162,7 @@ async fn serve(args: FunctionArgs, load_memory: LoadMemory) -> Result<(), Error>
         fetch_decrypt_ms = t.fetch_decrypt_ms,
         load_ms = t.load_ms, optimize_ms = t.optimize_ms, total_ms = t.total_ms,
         shard_bytes = t.shard_bytes, peak_rss_bytes = t.peak_rss_bytes,
-        load_memory = %load_memory.as_str(),
+        load_memory = %t.load_memory.as_str(),
         mapped_blocks = crate::WipeOnFree::mapped_block_count(),
         reused_blocks = crate::WipeOnFree::reused_block_count(),
         "cold start"

@@ -32,7 +32,7 @@ pub use cold_start::{AttestedStage, ColdStartConfig, ColdStartTimings, cold_star
 pub use engine::{InputSpec, LoadTimings, StageEngine};
 pub use entry::{FunctionArgs, LOAD_MEMORY_ENV, MAX_BATCH, READY_MARKER, main_with};
 pub use hardening::{harden_process, is_dumpable};
-pub use memory::{LoadMemory, keep_freed_memory_for_reuse, peak_rss_bytes};
+pub use memory::{LEAN_FROM_BYTES, LoadMemory, keep_freed_memory_for_reuse, peak_rss_bytes};
 pub use service::{MAX_MESSAGE_BYTES, StageService, run};
 pub use wipe_alloc::WipeOnFree;
 

@@ -35,9 +35,10 @@
 //! or more on its own while the shard loads, and hands its pages back soon after it is
 //! freed (`mapped_blocks` keeps the last 16 MiB freed for reuse): the peak stays near what
 //! is live, and every block not reused is faulted in page by page, so the cold start is
-//! longer. Serving is the same in both
-//! (mapping stops once the shard is loaded). Measured side by side on ResNet-50 in
-//! BENCHMARKS.md ("Loading lean").
+//! longer. Serving is the same in both (mapping stops once the shard is loaded). By
+//! default (`--load-memory auto`) a function loads lean when its shard is large enough for
+//! the fast load's peak to matter ([`LEAN_FROM_BYTES`]) and fast otherwise. Measured side
+//! by side on ResNet-50 in BENCHMARKS.md ("Loading lean").
 //!
 //! Every freed block is still wiped first, by [`crate::WipeOnFree`] in the function
 //! binaries, but for the blocks a lean load hands back to the system (their pages leave
@@ -66,12 +67,16 @@ fn mallopt(param: libc::c_int, value: libc::c_int) {
 /// How a function spends memory while it loads its shard (`--load-memory`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum LoadMemory {
+    /// [`LoadMemory::Lean`] for a shard of [`LEAN_FROM_BYTES`] or more (by the size the
+    /// signed manifest gives), [`LoadMemory::Fast`] for a smaller one.
+    #[default]
+    Auto,
     /// Freed blocks stay in one heap for the next form of the weights to reuse: the
     /// shortest cold start, a peak near twice the shard.
-    #[default]
     Fast,
-    /// Large blocks mapped each on its own and handed back when freed: a peak near the
-    /// live weights, a longer cold start (each new block is faulted in).
+    /// Large blocks mapped each on its own and handed back when freed (but for the last
+    /// few, kept for reuse): a peak near the live weights, a longer cold start (blocks
+    /// not reused are faulted in anew).
     Lean,
 }
 
@@ -79,27 +84,66 @@ impl LoadMemory {
     /// The name `--load-memory` takes, as logged.
     pub fn as_str(self) -> &'static str {
         match self {
+            Self::Auto => "auto",
             Self::Fast => "fast",
             Self::Lean => "lean",
         }
     }
 }
 
+/// The shard size from which `--load-memory auto` loads lean (32 MiB of plaintext).
+///
+/// A fast load peaks near twice the shard plus 30 to 40 MiB (ResNet-50's stages), which
+/// passes ShardSeal's memory target of 1.5 × shard + 64 MiB from about 55 MiB up. A lean
+/// load stays within it, and on large shards costs no cold start (86 and 98 MB shards: 0.87
+/// to 0.96 of a plain tract load in a fresh process), but on small ones its mapping weighs
+/// more than it saves (1.2 to 1.5 of a fresh plain load for shards of 1 to 11 MiB, where
+/// the fast load peaks well within the target). Measured in BENCHMARKS.md ("Loading lean").
+pub const LEAN_FROM_BYTES: u64 = 32 << 20;
+
 /// Sets malloc up for loading a shard: one arena, blocks up to 32 MiB from the heap, no
-/// trimming; for a lean load, large blocks mapped on their own (if the address range for
-/// them cannot be reserved, it says so and loads fast). Returns the mode in effect. Call
-/// before any other thread exists (arenas are made as threads first allocate).
+/// trimming; for a lean load, large blocks mapped on their own (see [`start_lean`]).
+/// Returns the mode in effect, or `Auto` still to be decided by [`decide`] once the
+/// shard's size is known. Call before any other thread exists (arenas are made as threads
+/// first allocate).
 pub(crate) fn prepare_malloc(mode: LoadMemory) -> LoadMemory {
     mallopt(libc::M_ARENA_MAX, 1);
     mallopt(libc::M_MMAP_THRESHOLD, HEAP_BLOCK_LIMIT);
     mallopt(libc::M_TRIM_THRESHOLD, LOADING_TRIM_THRESHOLD);
-    if mode == LoadMemory::Lean
-        && let Err(error) = crate::WipeOnFree::map_large_blocks()
-    {
-        tracing::warn!(%error, "cannot reserve address space for a lean load; loading fast");
-        return LoadMemory::Fast;
+    match mode {
+        LoadMemory::Lean => start_lean(),
+        other => other,
     }
-    mode
+}
+
+/// The mode a shard of `shard_bytes` loads in: `Auto` decided by the size (and lean
+/// started if so, see [`start_lean`]), the others as they are.
+pub(crate) fn decide(mode: LoadMemory, shard_bytes: u64) -> LoadMemory {
+    match (mode, choose(mode, shard_bytes)) {
+        (LoadMemory::Auto, LoadMemory::Lean) => start_lean(),
+        (_, chosen) => chosen,
+    }
+}
+
+/// [`decide`]'s choice, without starting anything.
+fn choose(mode: LoadMemory, shard_bytes: u64) -> LoadMemory {
+    match mode {
+        LoadMemory::Auto if shard_bytes >= LEAN_FROM_BYTES => LoadMemory::Lean,
+        LoadMemory::Auto => LoadMemory::Fast,
+        other => other,
+    }
+}
+
+/// Starts mapping large blocks on their own. If the address range for them cannot be
+/// reserved (under `ulimit -v`, say), says so and returns `Fast`: the load goes on fast.
+fn start_lean() -> LoadMemory {
+    match crate::WipeOnFree::map_large_blocks() {
+        Ok(()) => LoadMemory::Lean,
+        Err(error) => {
+            tracing::warn!(%error, "cannot reserve address space for a lean load; loading fast");
+            LoadMemory::Fast
+        }
+    }
 }
 
 /// Once the shard is loaded: stops mapping large blocks (serving reuses the heap's),
@@ -145,6 +189,19 @@ fn parse_kib_field(status: &str, field: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn auto_loads_lean_from_32_mib_and_a_set_mode_stays() {
+        use LoadMemory::*;
+        assert_eq!(choose(Auto, 0), Fast);
+        assert_eq!(choose(Auto, LEAN_FROM_BYTES - 1), Fast);
+        assert_eq!(choose(Auto, LEAN_FROM_BYTES), Lean);
+        assert_eq!(choose(Auto, 1 << 40), Lean);
+        for size in [0, LEAN_FROM_BYTES, 1 << 40] {
+            assert_eq!(choose(Fast, size), Fast);
+            assert_eq!(choose(Lean, size), Lean);
+        }
+    }
 
     #[test]
     fn vm_hwm_is_read_in_bytes() {
