@@ -5,19 +5,12 @@
 use std::path::Path;
 
 use shardseal_function::{LEAN_FROM_BYTES, LOAD_MEMORY_ENV, StageEngine};
-use shardseal_testkit::cluster::Cluster;
+use shardseal_testkit::cluster::{Cluster, log_field as field};
 use shardseal_testkit::models;
 use shardseal_testkit::sealed::{inputs_for, max_abs_diff};
 
 fn shardseal() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_shardseal"))
-}
-
-/// The value of `field` in a `cold start` log line.
-fn field<'a>(line: &'a str, field: &str) -> &'a str {
-    line.split_whitespace()
-        .find_map(|kv| kv.strip_prefix(&format!("{field}=")))
-        .unwrap_or_else(|| panic!("no {field} in {line}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -39,11 +32,12 @@ async fn auto_loads_a_large_shard_lean_and_a_small_one_fast() {
         assert!(max_abs_diff(&expected, &sealed.outputs) <= 1e-5, "{name}");
     }
 
-    let logs = cluster.function_logs();
+    let lines = cluster.cold_start_lines();
     let cold_start = |model: &str| {
-        logs.lines()
-            .find(|l| l.contains(" cold start") && l.contains(&format!("model={model} ")))
-            .unwrap_or_else(|| panic!("no cold start of {model} in {logs}"))
+        lines
+            .iter()
+            .find(|l| field(l, "model") == model)
+            .unwrap_or_else(|| panic!("no cold start of {model} in {lines:?}"))
     };
     let big_line = cold_start("big");
     assert_eq!(field(big_line, "load_memory"), "lean", "{big_line}");

@@ -5,19 +5,12 @@
 use std::path::Path;
 
 use shardseal_function::{LOAD_MEMORY_ENV, StageEngine};
-use shardseal_testkit::cluster::Cluster;
+use shardseal_testkit::cluster::{Cluster, log_field as field};
 use shardseal_testkit::models::{self, Mlp};
 use shardseal_testkit::sealed::{inputs_for, max_abs_diff};
 
 fn shardseal() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_shardseal"))
-}
-
-/// The value of `field` in a `cold start` log line.
-fn field<'a>(line: &'a str, field: &str) -> &'a str {
-    line.split_whitespace()
-        .find_map(|kv| kv.strip_prefix(&format!("{field}=")))
-        .unwrap_or_else(|| panic!("no {field} in {line}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -42,10 +35,9 @@ async fn lean_stages_map_their_large_blocks_and_serve_as_plain_tract() {
         assert!(max_abs_diff(&expected, &sealed.outputs) <= 1e-5);
     }
 
-    let logs = cluster.function_logs();
-    let cold_starts: Vec<&str> = logs.lines().filter(|l| l.contains(" cold start")).collect();
-    assert_eq!(cold_starts.len(), 2, "{logs}");
-    for line in cold_starts {
+    let cold_starts = cluster.cold_start_lines();
+    assert_eq!(cold_starts.len(), 2, "{cold_starts:?}");
+    for line in &cold_starts {
         assert_eq!(field(line, "load_memory"), "lean", "{line}");
         let mapped: usize = field(line, "mapped_blocks").parse().unwrap();
         assert!(mapped >= 1, "{line}");

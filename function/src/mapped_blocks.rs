@@ -224,8 +224,8 @@ pub(crate) fn reused_count() -> usize {
 }
 
 /// Frees a block mapped by [`map`]: while mapping is on, keeps it, wiped, for a later
-/// block of about its size (see [`Kept`]); otherwise gives it back to the system, keeping
-/// its addresses reserved.
+/// block of its size (see [`Kept`]); otherwise gives it back to the system, keeping its
+/// addresses reserved.
 ///
 /// # Safety
 /// `ptr` came from [`map`] with this `size`, and nothing uses the block any more.

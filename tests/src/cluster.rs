@@ -173,6 +173,15 @@ impl Cluster {
         self.each_function_log().concat()
     }
 
+    /// The functions' `cold start` log lines so far, in no particular order.
+    pub fn cold_start_lines(&self) -> Vec<String> {
+        self.function_logs()
+            .lines()
+            .filter(|l| l.contains(" cold start"))
+            .map(str::to_owned)
+            .collect()
+    }
+
     /// Every function log of the deployment so far, one string per function process.
     pub fn each_function_log(&self) -> Vec<String> {
         std::fs::read_dir(self.state().join("logs"))
@@ -685,4 +694,12 @@ fn broker_url_from_log(state: &Path) -> String {
         .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
         .trim()
         .to_owned()
+}
+
+/// The value of `field` in a text log line (`field=value`); panics naming the line if the
+/// field is missing.
+pub fn log_field<'a>(line: &'a str, field: &str) -> &'a str {
+    line.split_whitespace()
+        .find_map(|kv| kv.strip_prefix(field)?.strip_prefix('='))
+        .unwrap_or_else(|| panic!("no {field} in {line}"))
 }
