@@ -260,11 +260,11 @@ pub fn assert_decodes_as_prost(bytes: &[u8], piece: usize) {
         .as_mut()
         .map(|graph| std::mem::take(&mut graph.initializer))
         .unwrap_or_default();
-    assert_eq!(model, reference, "the model apart from its initializers");
+    assert_same(&model, &reference, "the model apart from its initializers");
     assert_eq!(initializers.len(), expected.len(), "initializer count");
     for (ours, theirs) in initializers.into_iter().zip(expected) {
         match ours {
-            Initializer::Proto(proto) => assert_eq!(proto, theirs),
+            Initializer::Proto(proto) => assert_same(&proto, &theirs, "an initializer"),
             Initializer::Loaded { name, value } => {
                 assert_eq!(name, theirs.name);
                 let onnx = tract_onnx::onnx();
@@ -279,6 +279,16 @@ pub fn assert_decodes_as_prost(bytes: &[u8], piece: usize) {
             }
         }
     }
+}
+
+/// Panics unless `ours` and `theirs` encode to the same bytes: equal messages, with a NaN
+/// (in typed values or attributes) equal to the same NaN, which `PartialEq` denies.
+#[cfg(any(test, fuzzing))]
+fn assert_same<M: Message + std::fmt::Debug>(ours: &M, theirs: &M, what: &str) {
+    assert!(
+        ours.encode_to_vec() == theirs.encode_to_vec(),
+        "{what} differs: {ours:?} against prost's {theirs:?}"
+    );
 }
 
 /// A `Buf` over `bytes` cut into pieces of at most `piece` bytes, as a shard's chunks.
@@ -520,6 +530,28 @@ mod tests {
             ..Default::default()
         }
         .encode_to_vec()
+    }
+
+    /// Found by the `onnx_model` fuzz target: a NaN in typed values made the check itself
+    /// fail, comparing messages with `PartialEq`.
+    #[test]
+    fn nan_in_typed_values_and_attributes_decodes_as_prost_decodes_it() {
+        let mut typed = tensor("typed", DataType::Float, &[2], vec![]);
+        typed.float_data = vec![f32::NAN, 1.0];
+        let mut model = model(vec![
+            typed,
+            tensor("raw", DataType::Float, &[1], f32_bytes(&[f32::NAN])),
+        ]);
+        if let Some(graph) = model.graph.as_mut() {
+            graph.node[0].attribute.push(pb::AttributeProto {
+                name: "alpha".into(),
+                f: f32::NAN,
+                ..Default::default()
+            });
+        }
+        let bytes = model.encode_to_vec();
+        assert_decodes_as_prost(&bytes, 7);
+        assert_decodes_as_prost(&bytes, bytes.len());
     }
 
     #[test]
