@@ -1214,6 +1214,8 @@ fn print_run(r: &RunReport) {
         .iter()
         .filter_map(|c| c.load_memory.as_deref())
         .collect();
+    // Stages may differ (`auto` decides each by its size): each mode once.
+    load_memory.sort_unstable();
     load_memory.dedup();
     if !load_memory.is_empty() {
         println!(

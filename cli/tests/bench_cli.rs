@@ -149,7 +149,7 @@ fn bench_json_reports_every_field_for_each_stage_count() {
             let fresh = number(stage, "plain_fresh_process_ms");
             assert!(fresh > 0.0);
             assert!((number(stage, "fresh_ratio") - ready / fresh).abs() < 1e-9 * (ready / fresh));
-            // The default, as the functions logged it.
+            // The default (`auto`) loads this small model fast, as the functions logged it.
             assert_eq!(stage["load_memory"], "fast");
             // The load's peak, as the function logged it when ready.
             assert!(number(stage, "ready_peak_rss_mb") > 0.0);

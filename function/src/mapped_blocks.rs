@@ -189,8 +189,9 @@ pub(crate) fn map(size: usize, align: usize) -> Option<*mut u8> {
     let start = NEXT.fetch_add(len, Ordering::Relaxed);
     let end = END.load(Ordering::Relaxed);
     if start.checked_add(len).is_none_or(|stop| stop > end) {
-        // Used up: every later large block comes from the heap.
-        MAPPING.store(false, Ordering::Release);
+        // Used up: every later large block comes from the heap, and the kept ones, which
+        // only `map` could hand out again, go back now.
+        stop();
         return None;
     }
     // SAFETY: [start, start + len) lies in the range reserved above, and `fetch_add` gave

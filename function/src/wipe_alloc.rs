@@ -99,8 +99,9 @@ impl WipeOnFree {
 // SAFETY: every method forwards to `System` with the caller's layout, as the `GlobalAlloc`
 // contract requires, or, for a large block while a lean load maps them, to
 // `mapped_blocks` (zeroed pages of at least the size, fresh or wiped, aligned to a page,
-// which is at least the layout's alignment; freed there by address). The only other addition is
-// writing zeros over memory the caller owns and is giving back, before it is freed.
+// which is at least the layout's alignment; freed there by address). The only other
+// addition is writing zeros over memory the caller owns and is giving back, before it is
+// freed.
 #[allow(unsafe_code)]
 unsafe impl GlobalAlloc for WipeOnFree {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
