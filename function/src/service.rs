@@ -45,8 +45,18 @@ pub struct StageService {
 enum Runs {
     /// Each on its own, holding one of [`inference_slots`] permits.
     OneByOne(Arc<tokio::sync::Semaphore>),
-    /// Through the stage's [`Batcher`], which runs whatever waits as one batch.
-    Batched(mpsc::UnboundedSender<BatchJob>),
+    /// One run at a time, of whatever waits for the stage (see [`Batcher`]).
+    Batched(BatchedRuns),
+}
+
+/// How a batching stage's requests reach its one run at a time.
+#[derive(Debug, Clone)]
+struct BatchedRuns {
+    /// The stage's single permit to run: held by the [`Batcher`] for each batch, or by a
+    /// request that found the stage idle and runs alone, on its own thread.
+    engine: Arc<tokio::sync::Semaphore>,
+    /// Requests for the [`Batcher`] to run with whichever others wait.
+    queue: mpsc::UnboundedSender<BatchJob>,
 }
 
 /// One request's opened inputs, and where its outputs go.
@@ -70,8 +80,9 @@ impl StageService {
         let stage = Arc::new(stage);
         let runs = if stage.engine.max_batch() > 1 {
             let (queue, waiting) = mpsc::unbounded_channel();
-            tokio::spawn(Batcher::run(stage.clone(), waiting));
-            Runs::Batched(queue)
+            let engine = Arc::new(tokio::sync::Semaphore::new(1));
+            tokio::spawn(Batcher::run(stage.clone(), engine.clone(), waiting));
+            Runs::Batched(BatchedRuns { engine, queue })
         } else {
             Runs::OneByOne(Arc::new(tokio::sync::Semaphore::new(inference_slots())))
         };
@@ -182,27 +193,47 @@ impl StageService {
         Ok((sealed, timing(stage, [t0, t1, t2, t3]), 1))
     }
 
-    /// As [`StageService::process_sealed`], with the run in the batcher's hands: opened
-    /// and sealed on blocking threads of their own, run with whichever other requests wait
-    /// for the stage at the time.
+    /// As [`StageService::process_sealed`], for a batching stage. A request that finds the
+    /// stage idle (nothing running, nothing waiting to) runs at once, alone, on the thread
+    /// that opened it, as it would unbatched. Otherwise its run is the [`Batcher`]'s, with
+    /// whichever other requests wait for the stage at the time; it is opened and sealed on
+    /// blocking threads of its own.
     async fn process_batched(
         stage: Arc<AttestedStage>,
-        batches: &mpsc::UnboundedSender<BatchJob>,
+        runs: &BatchedRuns,
         header: RequestHeader,
         sealed: Sealed,
     ) -> Result<(Sealed, StageTiming, usize), Error> {
         let opening = stage.clone();
         let opened_header = header.clone();
-        let (inputs, open_ms) = blocking(move || {
-            let t = Instant::now();
+        let engine = runs.engine.clone();
+        let opened = blocking(move || {
+            let t0 = Instant::now();
             let inputs = Self::open(&opening, &opened_header, &sealed)?;
+            drop(sealed);
             // What would fail the run fails this request alone, before it joins a batch.
             opening.engine.check_inputs(&inputs)?;
-            Ok((inputs, ms_since(t)))
+            let t1 = Instant::now();
+            // A permit released while the batcher waits goes to the batcher, so a request
+            // never runs ahead of a batch that is already waiting.
+            let Ok(permit) = engine.try_acquire_owned() else {
+                return Ok(Opened::ToBatch(inputs, ms_since(t0)));
+            };
+            let outputs = opening.engine.run(&inputs);
+            drop(permit);
+            observe_batch(&opening, 1);
+            let t2 = Instant::now();
+            let sealed = Self::seal(&opening, &opened_header, inputs, outputs?)?;
+            let t3 = Instant::now();
+            Ok(Opened::RanAlone(sealed, timing(&opening, [t0, t1, t2, t3])))
         })
         .await?;
+        let (inputs, open_ms) = match opened {
+            Opened::RanAlone(sealed, timing) => return Ok((sealed, timing, 1)),
+            Opened::ToBatch(inputs, open_ms) => (inputs, open_ms),
+        };
         let (done, ran) = oneshot::channel();
-        batches
+        runs.queue
             .send(BatchJob { inputs, done })
             .map_err(|_| Error::Inference("the stage's batcher stopped".into()))?;
         let ran = ran
@@ -224,6 +255,28 @@ impl StageService {
         };
         Ok((sealed, timing, batch))
     }
+}
+
+/// A batching stage's request once opened: run at once, alone, and sealed; or to be run
+/// by the [`Batcher`] (its inputs, and how long opening took).
+enum Opened {
+    RanAlone(Sealed, StageTiming),
+    ToBatch(Vec<HostTensor>, f64),
+}
+
+/// Counts one run of `requests` in `shardseal_function_batch_requests`.
+fn observe_batch(stage: &AttestedStage, requests: usize) {
+    shardseal_proto::metrics::global()
+        .histogram(
+            "shardseal_function_batch_requests",
+            "Requests per run of a batching stage (one observation per run).",
+            BATCH_BUCKETS,
+            &[
+                ("model", stage.model.as_str()),
+                ("stage", &stage.stage.0.to_string()),
+            ],
+        )
+        .observe(requests as f64);
 }
 
 /// The timing of one request's open, run and seal, from their four instants.
@@ -257,8 +310,10 @@ const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256
 /// [`StageEngine::max_batch`](crate::StageEngine::max_batch) requests, one run at a time.
 ///
 /// A run starts as soon as the previous one ends and takes every request waiting at that
-/// moment (up to the maximum): a lone request runs at once, as it would unbatched, and
-/// requests that arrive during a run share the next. Nothing waits for a batch to fill.
+/// moment (up to the maximum), and requests that arrive during a run share the next.
+/// Nothing waits for a batch to fill, and a request that finds the stage idle does not
+/// come here at all: it runs at once, alone, on the thread that opened it (see
+/// [`StageService::process_batched`]), holding the same permit a batch does.
 ///
 /// One run at a time, not one per core: the requests that queue behind it make the next
 /// batch larger, and larger batches are what pays. On an MLP with 50 MB of weights at 16
@@ -268,9 +323,18 @@ const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256
 struct Batcher;
 
 impl Batcher {
-    async fn run(stage: Arc<AttestedStage>, mut waiting: mpsc::UnboundedReceiver<BatchJob>) {
+    async fn run(
+        stage: Arc<AttestedStage>,
+        engine: Arc<tokio::sync::Semaphore>,
+        mut waiting: mpsc::UnboundedReceiver<BatchJob>,
+    ) {
         let max = stage.engine.max_batch();
         while let Some(first) = waiting.recv().await {
+            // Never closed: held by a request running alone, the permit comes back when its
+            // run ends, and the requests that arrived meanwhile join this batch.
+            let Ok(permit) = engine.clone().acquire_owned().await else {
+                return;
+            };
             let mut jobs = vec![first];
             while jobs.len() < max {
                 match waiting.try_recv() {
@@ -286,24 +350,18 @@ impl Batcher {
             let stage = stage.clone();
             // A run that panicked answers nobody: its callers see the batcher's channel
             // closed, and the next run goes on.
-            let _ = tokio::task::spawn_blocking(move || Self::run_jobs(&stage, jobs)).await;
+            let _ = tokio::task::spawn_blocking(move || {
+                Self::run_jobs(&stage, jobs);
+                drop(permit);
+            })
+            .await;
         }
     }
 
     /// Runs `jobs` as one batch and answers each.
     fn run_jobs(stage: &AttestedStage, jobs: Vec<BatchJob>) {
         let batch = jobs.len();
-        shardseal_proto::metrics::global()
-            .histogram(
-                "shardseal_function_batch_requests",
-                "Requests per run of a batching stage (one observation per run).",
-                BATCH_BUCKETS,
-                &[
-                    ("model", stage.model.as_str()),
-                    ("stage", &stage.stage.0.to_string()),
-                ],
-            )
-            .observe(batch as f64);
+        observe_batch(stage, batch);
         let (inputs, answers): (Vec<_>, Vec<_>) =
             jobs.into_iter().map(|job| (job.inputs, job.done)).unzip();
         let t = Instant::now();
@@ -425,7 +483,7 @@ impl StageService {
             })?;
         let stage = self.stage.clone();
         let result = match &self.runs {
-            Runs::Batched(batches) => Self::process_batched(stage, batches, header, sealed).await,
+            Runs::Batched(runs) => Self::process_batched(stage, runs, header, sealed).await,
             Runs::OneByOne(slots) => {
                 // Never closed, so acquiring fails only if the semaphore were; held until
                 // the inference ends, even if the caller goes away meanwhile.
