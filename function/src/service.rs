@@ -576,3 +576,167 @@ pub(crate) async fn serve_stage(
         .await
         .map_err(|e| Error::Config(format!("server: {e}")))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+    use std::sync::atomic::AtomicU64;
+
+    use shardseal_attestation::{ModelId, ModelVersion, StageIndex};
+    use shardseal_keys::{RecipientPrivateKey, seal_activation};
+    use shardseal_proto::tensor::encode_bundle;
+    use shardseal_proto::v1::{ColdStart, SignedBlob};
+    use shardseal_testkit::models::{self, Mlp};
+
+    use super::*;
+    use crate::StageEngine;
+
+    /// The one stage of a small MLP, loaded to batch up to 4 requests.
+    fn batching_stage() -> Arc<AttestedStage> {
+        let onnx = models::mlp(&Mlp {
+            batch: 1,
+            input: 8,
+            hidden: vec![16],
+            output: 4,
+            seed: 7,
+        });
+        let engine = StageEngine::load_batched(&onnx, 4).unwrap();
+        assert_eq!(engine.max_batch(), 4, "the test model batches");
+        let outputs = engine.outputs().to_vec();
+        Arc::new(AttestedStage {
+            model: ModelId::new("mlp").unwrap(),
+            version: ModelVersion(1),
+            stage: StageIndex(0),
+            stage_count: 1,
+            deployment: "test".into(),
+            stage_key: RecipientPrivateKey::generate().unwrap(),
+            next_stage_key: None,
+            engine,
+            outputs,
+            token: Mutex::new(SignedBlob::default()),
+            lease_expires_at_ms: AtomicU64::new(u64::MAX),
+            cold_start: ColdStart::default(),
+            timings: Default::default(),
+        })
+    }
+
+    /// A request with these input values, sealed to the stage, and the key its answer is
+    /// sealed to.
+    fn request(
+        stage: &AttestedStage,
+        values: &[f32],
+    ) -> (RequestHeader, Sealed, RecipientPrivateKey) {
+        let request_id = RequestId::random().unwrap();
+        let response_key = RecipientPrivateKey::generate().unwrap();
+        let context = ActivationContext {
+            deployment: stage.deployment.clone(),
+            request_id,
+            hop: 0,
+            direction: Direction::TowardNextStage,
+        };
+        let sealed = seal_activation(
+            &stage.stage_key.public_key(),
+            &context,
+            &encode_bundle(&inputs(stage, values)),
+        )
+        .unwrap();
+        let header = RequestHeader {
+            model_id: "mlp".into(),
+            version: 1,
+            request_id: request_id.as_bytes().to_vec(),
+            response_key: response_key.public_key().as_bytes().to_vec(),
+        };
+        (header, sealed, response_key)
+    }
+
+    /// Opens a stage's answer as the client would.
+    fn answer(
+        stage: &AttestedStage,
+        header: &RequestHeader,
+        key: &RecipientPrivateKey,
+        sealed: &Sealed,
+    ) -> Vec<HostTensor> {
+        let context = ActivationContext {
+            deployment: stage.deployment.clone(),
+            request_id: RequestId::from_slice(&header.request_id).unwrap(),
+            hop: 1,
+            direction: Direction::TowardClient,
+        };
+        let plaintext = open_activation(key, &context, sealed).unwrap();
+        decode_bundle_shared(plaintext.into_shared()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_request_at_an_idle_batching_stage_runs_without_the_batcher() {
+        let stage = batching_stage();
+        // No batcher: its queue's far end is gone, so a request sent there would fail.
+        let (queue, _) = mpsc::unbounded_channel();
+        let runs = BatchedRuns {
+            engine: Arc::new(tokio::sync::Semaphore::new(1)),
+            queue,
+        };
+        let values: Vec<f32> = (0..8).map(|i| i as f32 / 8.0 - 0.5).collect();
+        let (header, sealed, key) = request(&stage, &values);
+        let (answer_sealed, _, batch) =
+            StageService::process_batched(stage.clone(), &runs, header.clone(), sealed)
+                .await
+                .expect("served alone");
+        assert_eq!(batch, 1);
+        let expected = stage.engine.run(&inputs(&stage, &values)).unwrap();
+        assert_eq!(answer(&stage, &header, &key, &answer_sealed), expected);
+        assert_eq!(
+            runs.engine.available_permits(),
+            1,
+            "the run gave its permit back"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_request_waits_for_a_run_in_progress_and_joins_the_next_batch() {
+        let stage = batching_stage();
+        let (queue, mut waiting) = mpsc::unbounded_channel();
+        let runs = BatchedRuns {
+            engine: Arc::new(tokio::sync::Semaphore::new(1)),
+            queue,
+        };
+        // A run in progress holds the stage's permit.
+        let running = runs.engine.clone().try_acquire_owned().unwrap();
+        let values: Vec<f32> = (0..8).map(|i| 0.25 - i as f32 / 16.0).collect();
+        let (header, sealed, key) = request(&stage, &values);
+        let mut served = tokio::spawn({
+            let (stage, runs, header) = (stage.clone(), runs.clone(), header.clone());
+            async move { StageService::process_batched(stage, &runs, header, sealed).await }
+        });
+        // The request does not run beside it: it goes to the batcher's queue, opened.
+        let job = tokio::select! {
+            job = waiting.recv() => job.expect("queued for the next batch"),
+            _ = &mut served => panic!("served beside a run in progress"),
+        };
+        assert!(!served.is_finished());
+        assert_eq!(job.inputs, inputs(&stage, &values));
+        // As the batcher would, once the permit is back: run it with whatever waits.
+        drop(running);
+        let permit = runs.engine.clone().try_acquire_owned().unwrap();
+        let outputs = stage
+            .engine
+            .run_batch(std::slice::from_ref(&job.inputs))
+            .unwrap();
+        drop(permit);
+        let ran = Ran {
+            outputs: outputs.into_iter().next().unwrap(),
+            inputs: job.inputs,
+            run_ms: 0.0,
+            batch: 1,
+        };
+        assert!(job.done.send(Ok(ran)).is_ok());
+        let (answer_sealed, _, _) = served.await.unwrap().expect("served by the batch");
+        let expected = stage.engine.run(&inputs(&stage, &values)).unwrap();
+        assert_eq!(answer(&stage, &header, &key, &answer_sealed), expected);
+    }
+
+    /// The stage's one input, holding `values`.
+    fn inputs(stage: &AttestedStage, values: &[f32]) -> Vec<HostTensor> {
+        let spec = &stage.engine.inputs()[0];
+        vec![HostTensor::from_f32(spec.name.clone(), spec.shape.clone(), values).unwrap()]
+    }
+}
