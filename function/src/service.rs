@@ -59,6 +59,16 @@ struct BatchedRuns {
     queue: mpsc::UnboundedSender<BatchJob>,
 }
 
+impl BatchedRuns {
+    /// Runs that feed `queue`, with the stage's permit free.
+    fn new(queue: mpsc::UnboundedSender<BatchJob>) -> Self {
+        Self {
+            engine: Arc::new(tokio::sync::Semaphore::new(1)),
+            queue,
+        }
+    }
+}
+
 /// One request's opened inputs, and where its outputs go.
 struct BatchJob {
     inputs: Vec<HostTensor>,
@@ -80,9 +90,9 @@ impl StageService {
         let stage = Arc::new(stage);
         let runs = if stage.engine.max_batch() > 1 {
             let (queue, waiting) = mpsc::unbounded_channel();
-            let engine = Arc::new(tokio::sync::Semaphore::new(1));
-            tokio::spawn(Batcher::run(stage.clone(), engine.clone(), waiting));
-            Runs::Batched(BatchedRuns { engine, queue })
+            let runs = BatchedRuns::new(queue);
+            tokio::spawn(Batcher::run(stage.clone(), runs.engine.clone(), waiting));
+            Runs::Batched(runs)
         } else {
             Runs::OneByOne(Arc::new(tokio::sync::Semaphore::new(inference_slots())))
         };
@@ -185,12 +195,26 @@ impl StageService {
         let t0 = Instant::now();
         let inputs = Self::open(stage, header, &sealed)?;
         drop(sealed);
+        let (sealed, timing) = Self::run_and_seal(stage, header, inputs, t0, None)?;
+        Ok((sealed, timing, 1))
+    }
+
+    /// Runs one opened request (opening began at `t0`) and seals its outputs, letting go
+    /// of `run_permit`, if any, as soon as the run ends.
+    fn run_and_seal(
+        stage: &AttestedStage,
+        header: &RequestHeader,
+        inputs: Vec<HostTensor>,
+        t0: Instant,
+        run_permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    ) -> Result<(Sealed, StageTiming), Error> {
         let t1 = Instant::now();
-        let outputs = stage.engine.run(&inputs)?;
+        let outputs = stage.engine.run(&inputs);
+        drop(run_permit);
         let t2 = Instant::now();
-        let sealed = Self::seal(stage, header, inputs, outputs)?;
+        let sealed = Self::seal(stage, header, inputs, outputs?)?;
         let t3 = Instant::now();
-        Ok((sealed, timing(stage, [t0, t1, t2, t3]), 1))
+        Ok((sealed, timing(stage, [t0, t1, t2, t3])))
     }
 
     /// As [`StageService::process_sealed`], for a batching stage. A request that finds the
@@ -213,19 +237,15 @@ impl StageService {
             drop(sealed);
             // What would fail the run fails this request alone, before it joins a batch.
             opening.engine.check_inputs(&inputs)?;
-            let t1 = Instant::now();
             // A permit released while the batcher waits goes to the batcher, so a request
             // never runs ahead of a batch that is already waiting.
             let Ok(permit) = engine.try_acquire_owned() else {
                 return Ok(Opened::ToBatch(inputs, ms_since(t0)));
             };
-            let outputs = opening.engine.run(&inputs);
-            drop(permit);
             observe_batch(&opening, 1);
-            let t2 = Instant::now();
-            let sealed = Self::seal(&opening, &opened_header, inputs, outputs?)?;
-            let t3 = Instant::now();
-            Ok(Opened::RanAlone(sealed, timing(&opening, [t0, t1, t2, t3])))
+            let (sealed, timing) =
+                Self::run_and_seal(&opening, &opened_header, inputs, t0, Some(permit))?;
+            Ok(Opened::RanAlone(sealed, timing))
         })
         .await?;
         let (inputs, open_ms) = match opened {
@@ -671,10 +691,7 @@ mod tests {
         let stage = batching_stage();
         // No batcher: its queue's far end is gone, so a request sent there would fail.
         let (queue, _) = mpsc::unbounded_channel();
-        let runs = BatchedRuns {
-            engine: Arc::new(tokio::sync::Semaphore::new(1)),
-            queue,
-        };
+        let runs = BatchedRuns::new(queue);
         let values: Vec<f32> = (0..8).map(|i| i as f32 / 8.0 - 0.5).collect();
         let (header, sealed, key) = request(&stage, &values);
         let (answer_sealed, _, batch) =
@@ -695,10 +712,7 @@ mod tests {
     async fn a_request_waits_for_a_run_in_progress_and_joins_the_next_batch() {
         let stage = batching_stage();
         let (queue, mut waiting) = mpsc::unbounded_channel();
-        let runs = BatchedRuns {
-            engine: Arc::new(tokio::sync::Semaphore::new(1)),
-            queue,
-        };
+        let runs = BatchedRuns::new(queue);
         // A run in progress holds the stage's permit.
         let running = runs.engine.clone().try_acquire_owned().unwrap();
         let values: Vec<f32> = (0..8).map(|i| 0.25 - i as f32 / 16.0).collect();
@@ -714,21 +728,11 @@ mod tests {
         };
         assert!(!served.is_finished());
         assert_eq!(job.inputs, inputs(&stage, &values));
-        // As the batcher would, once the permit is back: run it with whatever waits.
+        // As the batcher does once the permit is back: run it with whatever waits.
         drop(running);
         let permit = runs.engine.clone().try_acquire_owned().unwrap();
-        let outputs = stage
-            .engine
-            .run_batch(std::slice::from_ref(&job.inputs))
-            .unwrap();
+        Batcher::run_jobs(&stage, vec![job]);
         drop(permit);
-        let ran = Ran {
-            outputs: outputs.into_iter().next().unwrap(),
-            inputs: job.inputs,
-            run_ms: 0.0,
-            batch: 1,
-        };
-        assert!(job.done.send(Ok(ran)).is_ok());
         let (answer_sealed, _, _) = served.await.unwrap().expect("served by the batch");
         let expected = stage.engine.run(&inputs(&stage, &values)).unwrap();
         assert_eq!(answer(&stage, &header, &key, &answer_sealed), expected);
