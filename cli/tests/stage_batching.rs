@@ -8,7 +8,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use shardseal_function::StageEngine;
-use shardseal_testkit::cluster::Cluster;
+use shardseal_testkit::cluster::{Cluster, log_field as field};
 use shardseal_testkit::metrics::scrape;
 use shardseal_testkit::models::{self, Mlp};
 use shardseal_testkit::sealed::{inputs_for, max_abs_diff};
@@ -62,14 +62,7 @@ fn batches(cluster: &Cluster, model: &str) -> Vec<usize> {
 fn batch_sizes(log: &str) -> Vec<usize> {
     log.lines()
         .filter(|l| l.contains(" processed"))
-        .map(|l| {
-            let at = l.find(" batch=").expect("a processed line names its batch") + 7;
-            l[at..]
-                .split(|c: char| !c.is_ascii_digit())
-                .next()
-                .and_then(|n| n.parse().ok())
-                .expect("a batch size")
-        })
+        .map(|l| field(l, "batch").parse().expect("a batch size"))
         .collect()
 }
 
