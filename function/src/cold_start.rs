@@ -24,9 +24,8 @@
 //! [`AttestedStage`], and it holds keys only because the broker released them.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use futures::{Stream, StreamExt, TryStreamExt};
 use prost::Message;
@@ -48,6 +47,7 @@ use shardseal_proto::v1::{
 use shardseal_store::{Error as StoreError, ShardStore, StoreConfig, StoreKey};
 use tonic::transport::{ClientTlsConfig, Endpoint};
 
+use crate::lease::{Lease, lease_end};
 use crate::memory::LoadMemory;
 use crate::{Error, StageEngine, harden_process};
 
@@ -91,8 +91,8 @@ pub struct AttestedStage {
     /// The broker's latest token for this process: a lease on the keys above, renewed by
     /// attesting again (see `crate::lease`).
     pub(crate) token: Mutex<SignedBlob>,
-    /// When the lease ends (Unix milliseconds, from the token the broker signed).
-    pub(crate) lease_expires_at_ms: AtomicU64,
+    /// When the lease on the keys ends (see `crate::lease`).
+    pub(crate) lease: Lease,
     pub(crate) cold_start: ColdStart,
     pub(crate) timings: ColdStartTimings,
 }
@@ -100,7 +100,7 @@ pub struct AttestedStage {
 impl AttestedStage {
     /// Whether the broker's lease on this stage's keys has run out.
     pub(crate) fn lease_expired(&self) -> bool {
-        unix_millis_now() >= self.lease_expires_at_ms.load(Ordering::Acquire)
+        self.lease.expired()
     }
 
     /// The broker's latest token.
@@ -110,15 +110,6 @@ impl AttestedStage {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone()
     }
-}
-
-/// The local clock in Unix milliseconds (token expiries are in the broker's; both are
-/// expected to be kept by NTP, as TLS certificate checks already assume).
-pub(crate) fn unix_millis_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
 }
 
 impl std::fmt::Debug for AttestedStage {
@@ -156,7 +147,7 @@ pub async fn cold_start(config: &ColdStartConfig) -> Result<AttestedStage, Error
         stage_key,
         next_stage_key,
         token,
-        lease_expires_at_ms,
+        lease_ends,
     } = open_release(config, attested)?;
 
     let signed = SignedManifest::from_bytes(&release.signed_manifest).map_err(Error::Keys)?;
@@ -246,7 +237,7 @@ pub async fn cold_start(config: &ColdStartConfig) -> Result<AttestedStage, Error
         engine,
         outputs: entry.outputs.iter().map(|t| t.name.clone()).collect(),
         token: Mutex::new(token),
-        lease_expires_at_ms: AtomicU64::new(lease_expires_at_ms),
+        lease: Lease::until(lease_ends),
         cold_start: ColdStart {
             attest_ms: timings.attest_ms,
             fetch_decrypt_ms: timings.fetch_decrypt_ms,
@@ -283,7 +274,8 @@ pub(crate) struct Released {
     pub(crate) stage_key: RecipientPrivateKey,
     pub(crate) next_stage_key: Option<RecipientPublicKey>,
     pub(crate) token: SignedBlob,
-    pub(crate) lease_expires_at_ms: u64,
+    /// When the lease the token grants ends.
+    pub(crate) lease_ends: Instant,
 }
 
 /// Opens the key release of an attestation and checks the token that comes with it:
@@ -298,7 +290,7 @@ pub(crate) fn open_release(
         nonce,
         broker_id,
         broker_key,
-        connected_at: _,
+        connected_at,
     } = attested;
     let sealed = reply
         .release
@@ -345,7 +337,7 @@ pub(crate) fn open_release(
         stage_key,
         next_stage_key,
         token,
-        lease_expires_at_ms: leased.expires_at_ms,
+        lease_ends: lease_end(connected_at, &leased)?,
     })
 }
 

@@ -600,7 +600,6 @@ pub(crate) async fn serve_stage(
 #[cfg(test)]
 mod tests {
     use std::sync::Mutex;
-    use std::sync::atomic::AtomicU64;
 
     use shardseal_attestation::{ModelId, ModelVersion, StageIndex};
     use shardseal_keys::{RecipientPrivateKey, seal_activation};
@@ -634,7 +633,7 @@ mod tests {
             engine,
             outputs,
             token: Mutex::new(SignedBlob::default()),
-            lease_expires_at_ms: AtomicU64::new(u64::MAX),
+            lease: crate::lease::Lease::forever(),
             cold_start: ColdStart::default(),
             timings: Default::default(),
         })

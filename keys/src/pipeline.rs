@@ -105,8 +105,25 @@ pub struct FunctionToken {
     pub measurement: Measurement,
     /// The ephemeral key the keys were sealed to (hex).
     pub ephemeral_key: String,
-    /// Expiry (Unix milliseconds).
+    /// When the broker signed it (Unix milliseconds, the broker's clock).
+    pub issued_at_ms: u64,
+    /// Expiry (Unix milliseconds, the broker's clock).
     pub expires_at_ms: u64,
+}
+
+impl FunctionToken {
+    /// How long the broker leases the keys for: from issue to expiry, both on the
+    /// broker's clock. `None` if the token expires before it was issued.
+    ///
+    /// A function counts this from a moment of its own that precedes the issue (when it
+    /// connected to the broker to attest), on its monotonic clock, so its lease never
+    /// outlasts the broker's whatever its wall clock says: a clock set behind or ahead of
+    /// the broker's neither stretches nor voids the lease.
+    pub fn lifetime(&self) -> Option<std::time::Duration> {
+        self.expires_at_ms
+            .checked_sub(self.issued_at_ms)
+            .map(std::time::Duration::from_millis)
+    }
 }
 
 impl SignedPayload for FunctionToken {

@@ -53,14 +53,16 @@ fn token() -> impl Strategy<Value = FunctionToken> {
         any::<u32>(),
         any::<[u8; 32]>(),
         any::<u64>(),
+        any::<u64>(),
     )
         .prop_map(
-            |(model, version, stage, measurement, expires)| FunctionToken {
+            |(model, version, stage, measurement, issued, expires)| FunctionToken {
                 model_id: ModelId::new(model).unwrap(),
                 version: ModelVersion(version),
                 stage: StageIndex(stage),
                 measurement: Measurement(measurement),
                 ephemeral_key: hex::encode(measurement),
+                issued_at_ms: issued,
                 expires_at_ms: expires,
             },
         )
@@ -250,4 +252,28 @@ fn signature_and_key_lengths_are_checked_before_anything_else() {
         Signature::from_bytes([0; 64]),
         VerifyingKey::from_bytes([0; 32]),
     );
+}
+
+/// A token's lease is its expiry less its issue, both on the broker's clock, so where on
+/// the calendar they fall (a broker clock years off) changes nothing; a token that
+/// expires before it was issued has no lifetime.
+#[test]
+fn a_token_lifetime_is_its_expiry_less_its_issue() {
+    let token = |issued_at_ms, expires_at_ms| FunctionToken {
+        model_id: ModelId::new("m").unwrap(),
+        version: ModelVersion(1),
+        stage: StageIndex(0),
+        measurement: Measurement([7; 32]),
+        ephemeral_key: hex::encode([7; 32]),
+        issued_at_ms,
+        expires_at_ms,
+    };
+    let minute = std::time::Duration::from_secs(60);
+    assert_eq!(token(1_000, 61_000).lifetime(), Some(minute));
+    assert_eq!(
+        token(4_102_444_800_000, 4_102_444_860_000).lifetime(),
+        Some(minute)
+    );
+    assert_eq!(token(5, 5).lifetime(), Some(std::time::Duration::ZERO));
+    assert_eq!(token(61_000, 1_000).lifetime(), None);
 }

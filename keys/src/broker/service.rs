@@ -740,13 +740,15 @@ impl Inner {
         let record = &entry.current;
         let measurement = quote.measurement();
 
+        let issued_at_ms = unix_millis_now();
         let token = FunctionToken {
             model_id: model.clone(),
             version: record.version(),
             stage,
             measurement,
             ephemeral_key: ephemeral.to_hex(),
-            expires_at_ms: unix_millis_now().saturating_add(self.config.token_lifetime_ms),
+            issued_at_ms,
+            expires_at_ms: issued_at_ms.saturating_add(self.config.token_lifetime_ms),
         };
         let token = to_blob(&Signed::sign(&token, &self.identity).map_err(BrokerError::Crypto)?);
         let sealed = self.seal_release(record, stage, &nonce, &ephemeral, &token)?;
