@@ -331,6 +331,12 @@ pub(crate) fn open_release(
             "the function token names another model or stage".into(),
         ));
     }
+    // The token leases the keys that came with it, not another version's.
+    if leased.version.0 != release.version {
+        return Err(Error::Broker(
+            "the function token names another version than the keys released".into(),
+        ));
+    }
     Ok(Released {
         release,
         shard_key,
@@ -788,7 +794,153 @@ async fn fetch_and_open(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use shardseal_attestation::ModelVersion;
+    use shardseal_attestation::{Measurement, ModelVersion};
+    use shardseal_keys::{KeyReleaseContext, Signed, SigningKey, seal_key_release, to_blob};
+
+    /// What a broker answers an attestation of model `m` stage 0: the key release, the
+    /// token, the key that signs the token, and the context the release is sealed under.
+    struct Answer {
+        release: KeyRelease,
+        token: FunctionToken,
+        signer: SigningKey,
+        sealed_for: KeyReleaseContext,
+    }
+
+    /// A change to a broker's answer.
+    type Tamper = fn(&mut Answer);
+
+    /// The function's side of an attestation, and the broker's answer to it once `tamper`
+    /// has had its way with it.
+    fn attested(tamper: impl FnOnce(&mut Answer)) -> (ColdStartConfig, Attested) {
+        let signer = SigningKey::from_seed(&[3; 32]).unwrap();
+        let broker_key = signer.verifying_key();
+        let ephemeral = RecipientPrivateKey::generate().unwrap();
+        let nonce = Nonce::from_bytes([9; 32]);
+        let stage_key = RecipientPrivateKey::generate().unwrap();
+        let mut answer = Answer {
+            release: KeyRelease {
+                model_id: "m".into(),
+                version: 2,
+                stage: 0,
+                stage_count: 1,
+                deployment: "m@v2".into(),
+                shard_key: vec![5; 32],
+                stage_private_key: stage_key.expose_secret().expose_secret().to_vec(),
+                ..Default::default()
+            },
+            token: FunctionToken {
+                model_id: ModelId::new("m").unwrap(),
+                version: ModelVersion(2),
+                stage: StageIndex(0),
+                measurement: Measurement([1; 32]),
+                ephemeral_key: ephemeral.public_key().to_hex(),
+                issued_at_ms: 1_000,
+                expires_at_ms: 61_000,
+            },
+            signer,
+            sealed_for: KeyReleaseContext {
+                broker_id: broker_key.to_hex(),
+                nonce,
+                model: ModelId::new("m").unwrap(),
+                stage: StageIndex(0),
+            },
+        };
+        tamper(&mut answer);
+        let Answer {
+            mut release,
+            token,
+            signer,
+            sealed_for,
+        } = answer;
+        let token = to_blob(&Signed::sign(&token, &signer).unwrap());
+        release.token = Some(token.clone());
+        let sealed = seal_key_release(
+            &ephemeral.public_key(),
+            &sealed_for,
+            &release.encode_to_vec(),
+        )
+        .unwrap();
+        let config = ColdStartConfig {
+            broker_url: "https://127.0.0.1:1".into(),
+            pki_dir: PathBuf::new(),
+            agent_socket: PathBuf::new(),
+            store: StoreConfig::from_url("/nonexistent").unwrap(),
+            broker_key: None,
+            model: ModelId::new("m").unwrap(),
+            stage: StageIndex(0),
+            max_batch: 1,
+            load_memory: LoadMemory::Auto,
+        };
+        let attested = Attested {
+            reply: AttestResponse {
+                release: Some(sealed.into()),
+                token: Some(token),
+            },
+            ephemeral,
+            nonce,
+            broker_id: broker_key.to_hex(),
+            connected_at: Instant::now(),
+            broker_key,
+        };
+        (config, attested)
+    }
+
+    /// Why the function refuses the answer `tamper` makes.
+    fn refusal(tamper: impl FnOnce(&mut Answer)) -> String {
+        let (config, attested) = attested(tamper);
+        match open_release(&config, attested) {
+            Ok(_) => panic!("a tampered key release was taken"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn a_key_release_opens_and_leases_its_keys_for_the_token_lifetime() {
+        let (config, attested) = attested(|_| {});
+        let connected_at = attested.connected_at;
+        let released = open_release(&config, attested).unwrap();
+        assert_eq!(released.release.version, 2);
+        assert_eq!(released.lease_ends, connected_at + Duration::from_secs(60));
+        assert!(released.next_stage_key.is_none());
+    }
+
+    /// A broker's answer that does not add up is refused, each with its reason: keys
+    /// sealed for another attestation (a replay) or for another stage, a token signed by
+    /// another key, naming another stage, another version than the keys, or expiring
+    /// before it was issued.
+    #[test]
+    fn a_key_release_that_does_not_add_up_is_refused() {
+        let cases: [(&str, Tamper); 7] = [
+            ("does not open with this key and context", |a| {
+                a.sealed_for.nonce = Nonce::from_bytes([8; 32])
+            }),
+            ("does not open with this key and context", |a| {
+                a.sealed_for.stage = StageIndex(1)
+            }),
+            ("the key release names another model or stage", |a| {
+                a.release.stage = 1
+            }),
+            ("not signed by the broker", |a| {
+                a.signer = SigningKey::from_seed(&[4; 32]).unwrap()
+            }),
+            ("the function token names another model or stage", |a| {
+                a.token.stage = StageIndex(1)
+            }),
+            ("another version than the keys released", |a| {
+                a.token.version = ModelVersion(1)
+            }),
+            ("expires before it was issued", |a| {
+                a.token.expires_at_ms = 0
+            }),
+        ];
+        for (reason, tamper) in cases {
+            let refused = refusal(tamper);
+            assert!(
+                refused.contains(reason),
+                "{refused:?} does not say {reason:?}"
+            );
+        }
+    }
 
     /// A local store holding `bytes` as stage 0's shard of version 1 of model `m`.
     async fn store_with_shard(bytes: &[u8]) -> (tempfile::TempDir, Arc<dyn ShardStore>) {
