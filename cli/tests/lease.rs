@@ -11,6 +11,11 @@
 //!   the broker;
 //! - once the broker is back, the model is served again.
 //!
+//! `a_revoked_model_stops_its_running_functions_at_their_next_renewal`: the owner revokes a
+//! model a warm function serves; at its next renewal (half a lifetime later) the broker
+//! refuses it and the function exits (its log says the renewal was refused, not that the
+//! lease ran out), and the model is not served again.
+//!
 //! That a warm function serves on while the broker is down and its lease still runs is
 //! shown with the default 15 min lease by the `faults` test
 //! `with_the_broker_down_warm_functions_serve_and_a_cold_start_waits_for_it`.
@@ -18,7 +23,9 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use shardseal_attestation::ModelId;
 use shardseal_function::StageEngine;
+use shardseal_keys::broker::owner::OwnerClient;
 use shardseal_sdk::Error;
 use shardseal_testkit::cluster::Cluster;
 use shardseal_testkit::models;
@@ -121,5 +128,62 @@ async fn a_warm_function_renews_its_lease_and_stops_when_the_broker_stays_away()
     served(client.infer("leased", inputs.clone()).await);
     let (new_pid, _) = function(&cluster, "leased").expect("a function serves again");
     assert_ne!(new_pid, pid);
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_revoked_model_stops_its_running_functions_at_their_next_renewal() {
+    let exe = Path::new(env!("CARGO_BIN_EXE_shardseal"));
+    let cluster = Cluster::start_with(
+        exe,
+        &["--token-lifetime-ms".to_owned(), LEASE_MS.to_string()],
+    )
+    .await;
+    let model = models::mlp(&Default::default());
+    cluster.provision_and_register("revoked", &model, 1).await;
+    let client = cluster
+        .client()
+        .await
+        .with_deadline(Duration::from_secs(60));
+    let inputs = inputs_for(&client, "revoked", 0).await;
+    client
+        .infer("revoked", inputs.clone())
+        .await
+        .expect("served before the revocation");
+    let (pid, log_path) = function(&cluster, "revoked").expect("a function serves");
+
+    let mut owner = OwnerClient::connect(&cluster.broker_url, &cluster.pki())
+        .await
+        .unwrap();
+    owner
+        .revoke(&cluster.owner, &ModelId::new("revoked").unwrap(), None)
+        .await
+        .expect("the owner revokes its model");
+    let revoked_at = Instant::now();
+
+    // Its next renewal comes at most half a lifetime later; debug builds on a shared
+    // machine get a wide margin, and the log tells a refusal from an expiry.
+    let until = revoked_at + Duration::from_millis(LEASE_MS) + Duration::from_secs(20);
+    while alive(pid) {
+        assert!(
+            Instant::now() < until,
+            "the function kept serving a revoked model"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let gone_after = revoked_at.elapsed();
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(log.contains("key lease renewal refused"), "{log}");
+    assert!(!log.contains("key lease expired"), "{log}");
+    println!("the function exited {gone_after:?} after the revocation");
+
+    // No function gets the keys again: the model is not served.
+    let impatient = cluster.client().await.with_deadline(Duration::from_secs(5));
+    let refused = impatient.infer("revoked", inputs).await;
+    println!("a request after the revocation: {refused:?}");
+    assert!(
+        matches!(&refused, Err(Error::AttestationRefused(why)) if why.contains("revoked")),
+        "{refused:?}"
+    );
     cluster.stop().await;
 }
