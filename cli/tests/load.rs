@@ -28,7 +28,8 @@ use shardseal_function::StageEngine;
 use shardseal_proto::tensor::HostTensor;
 use shardseal_sdk::{Client, Error};
 use shardseal_testkit::canary::{INPUT, WEIGHT, holds};
-use shardseal_testkit::cluster::Cluster;
+use shardseal_testkit::cluster::{Cluster, log_field};
+use shardseal_testkit::metrics::scrape;
 use shardseal_testkit::models;
 use shardseal_testkit::sealed::{inputs_for, max_abs_diff};
 
@@ -309,7 +310,7 @@ fn relative_ok(expected: &[HostTensor], actual: &[HostTensor]) -> bool {
 async fn above_saturation_the_coordinator_sheds_load() {
     const CLIENTS: usize = 48;
     const LIMIT: usize = 4;
-    let cluster = Cluster::start_with(
+    let cluster = Cluster::start_with_env(
         shardseal(),
         &[
             "--max-in-flight",
@@ -317,6 +318,7 @@ async fn above_saturation_the_coordinator_sheds_load() {
             "--scale-to-zero-after",
             "never",
         ],
+        vec![("SHARDSEAL_COORDINATOR_METRICS_LISTEN", "127.0.0.1:0".into())],
     )
     .await;
     let mlp = models::mlp(&Default::default());
@@ -400,10 +402,51 @@ async fn above_saturation_the_coordinator_sheds_load() {
         "requests waiting for the cold start are bounded: the burst was refused, not queued"
     );
     assert!(shed.load(Ordering::Relaxed) > 0 && served.load(Ordering::Relaxed) >= 200);
+    // The operator sees every refusal: those shed at the door in `shed_total`, those the
+    // router refused once decoded in `requests_total`.
+    let (at_the_door, decoded) = refusals_counted(&cluster);
+    println!(
+        "refusals in the coordinator's metrics: {at_the_door} shed at admission, {decoded} once decoded"
+    );
+    assert_eq!(
+        at_the_door + decoded,
+        shed.load(Ordering::Relaxed) as u64,
+        "every RESOURCE_EXHAUSTED a client saw is counted once"
+    );
+    assert!(at_the_door > 0, "admission shed nothing");
     let coordinator: Samples = samples
         .into_iter()
         .filter(|(name, _)| name.starts_with("coordinator"))
         .collect();
     assert_memory_settles(&coordinator, 5);
     cluster.stop().await;
+}
+
+/// The coordinator's count of requests refused for capacity: shed at admission
+/// (`shardseal_coordinator_shed_total`) and refused once decoded
+/// (`shardseal_coordinator_requests_total` with code `RESOURCE_EXHAUSTED`).
+fn refusals_counted(cluster: &Cluster) -> (u64, u64) {
+    let log = std::fs::read_to_string(cluster.state().join("logs/coordinator.log")).unwrap();
+    let line = log
+        .lines()
+        .find(|l| l.contains("metrics endpoint"))
+        .expect("the coordinator serves metrics");
+    let text = scrape(log_field(line, "addr"));
+    let value = |series: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse::<f64>().ok())
+            .map_or(0, |v| v as u64)
+    };
+    let shed = text
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("shardseal_coordinator_shed_total ")?
+                .parse::<f64>()
+                .ok()
+        })
+        .expect("shed_total is exported") as u64;
+    (
+        shed,
+        value(r#"shardseal_coordinator_requests_total{model="mlp",code="RESOURCE_EXHAUSTED"}"#),
+    )
 }

@@ -1,5 +1,5 @@
-//! The coordinator's Prometheus metrics: requests and their latency, per-stage latency,
-//! requests waiting for a replica, replicas, cold starts. Recorded into
+//! The coordinator's Prometheus metrics: requests and their latency, requests shed at
+//! admission, per-stage latency, requests waiting for a replica, replicas, cold starts. Recorded into
 //! [`shardseal_proto::metrics::global`]; every name is documented in `docs/operator.md`.
 //!
 //! Labels are model ids (only models the router has deployed, so a client cannot grow
@@ -19,6 +19,9 @@ use crate::router::Router;
 
 /// Requests answered, by model and gRPC code.
 pub const REQUESTS_TOTAL: &str = "shardseal_coordinator_requests_total";
+/// Requests refused at admission, before their body was decoded (`--max-in-flight`
+/// reached): no model to label them with, and not in [`REQUESTS_TOTAL`].
+pub const SHED_TOTAL: &str = "shardseal_coordinator_shed_total";
 /// Whole-request latency, by model.
 pub const REQUEST_DURATION: &str = "shardseal_coordinator_request_duration_seconds";
 /// Per-stage latency (open, run and seal, as the function reports it), by model and stage.
@@ -34,6 +37,21 @@ pub const COLD_START_DURATION: &str = "shardseal_coordinator_cold_start_duration
 
 /// The label used for a request whose model is not deployed (a refused or unknown name).
 pub const UNKNOWN_MODEL: &str = "_unknown";
+
+/// Counts one request shed at admission (see [`SHED_TOTAL`]).
+pub fn record_shed() {
+    shed_counter().inc();
+}
+
+/// [`SHED_TOTAL`], created at zero so a scrape shows it before the first shed.
+pub fn shed_counter() -> Arc<shardseal_proto::metrics::Counter> {
+    global().counter(
+        SHED_TOTAL,
+        "Requests refused at admission, before decoding, because the coordinator was at \
+         --max-in-flight.",
+        &[],
+    )
+}
 
 /// Records one answered request: its code, its total latency and, when it succeeded, each
 /// stage's reported latency.
