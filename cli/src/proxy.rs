@@ -59,6 +59,10 @@ pub(crate) struct ProxyArgs {
     /// Listen on a non-loopback address: tensors then cross that network in plaintext.
     #[arg(long)]
     allow_remote: bool,
+    /// Prometheus metrics of the inferences the proxy relays (counts by model and status,
+    /// latency).
+    #[command(flatten)]
+    metrics: crate::metrics::MetricsArgs,
 }
 
 pub(crate) fn run(args: ProxyArgs) -> anyhow::Result<()> {
@@ -71,12 +75,16 @@ async fn serve(args: ProxyArgs) -> anyhow::Result<()> {
         .with_context(|| format!("--listen {}", args.listen))?
         .collect();
     check_listen_addresses(&args.listen, &addresses, args.allow_remote)?;
+    let metrics_listener = args.metrics.bind().await?;
     let trust = Trust::from_file(&args.trust)?;
     let client = Client::connect(&args.coordinator, trust).await?;
     let listener = tokio::net::TcpListener::bind(addresses.as_slice())
         .await
         .with_context(|| format!("listening on {}", args.listen))?;
     let address = listener.local_addr()?;
+    crate::metrics::serve(metrics_listener, || async {
+        shardseal_proto::metrics::global().render()
+    })?;
     println!("SHARDSEAL_READY {address}");
     tracing::info!(%address, coordinator = %args.coordinator, "serving the Open Inference Protocol");
     tonic::transport::Server::builder()
@@ -214,11 +222,28 @@ impl GrpcInferenceService for OipProxy {
         &self,
         request: Request<ModelInferRequest>,
     ) -> Result<Response<ModelInferResponse>, Status> {
+        let started = std::time::Instant::now();
+        let mut verified = None;
+        let result = self.infer(request, &mut verified).await;
+        let code = result.as_ref().map_or_else(Status::code, |_| Code::Ok);
+        record_inference(verified.as_deref(), code, started.elapsed());
+        result
+    }
+}
+
+impl OipProxy {
+    /// `ModelInfer`, naming in `verified` the model once its pipeline is verified.
+    async fn infer(
+        &self,
+        request: Request<ModelInferRequest>,
+        verified: &mut Option<String>,
+    ) -> Result<Response<ModelInferResponse>, Status> {
         let deadline = caller_deadline(request.metadata());
         let mut request = request.into_inner();
         let pipeline = self
             .verified_pipeline(&request.model_name, &request.model_version)
             .await?;
+        *verified = Some(pipeline.model_id.to_string());
         check_requested_outputs(&request.outputs, &pipeline.outputs)?;
         let form = OutputForm::asked_by(&request);
         let inputs = inputs_from_request(&mut request, &pipeline.inputs)?;
@@ -239,6 +264,35 @@ impl GrpcInferenceService for OipProxy {
         )?;
         Ok(Response::new(response))
     }
+}
+
+/// `shardseal_proxy_requests_total` and `shardseal_proxy_request_duration_seconds`.
+const REQUESTS_TOTAL: &str = "shardseal_proxy_requests_total";
+const REQUEST_DURATION: &str = "shardseal_proxy_request_duration_seconds";
+
+/// Counts one `ModelInfer` and its latency, under its model if the proxy verified that
+/// model's pipeline, else `_unknown` (a client cannot grow the label set with names).
+fn record_inference(model: Option<&str>, code: Code, took: std::time::Duration) {
+    let model = model.unwrap_or("_unknown");
+    let registry = shardseal_proto::metrics::global();
+    registry
+        .counter(
+            REQUESTS_TOTAL,
+            "ModelInfer calls the proxy answered, by model and gRPC status code.",
+            &[
+                ("model", model),
+                ("code", shardseal_proto::metrics::code_name(code)),
+            ],
+        )
+        .inc();
+    registry
+        .histogram(
+            REQUEST_DURATION,
+            "ModelInfer latency at the proxy (sealing, the pipeline, opening), in seconds.",
+            shardseal_proto::metrics::LATENCY_BUCKETS,
+            &[("model", model)],
+        )
+        .observe_duration(took);
 }
 
 /// The deadline the caller set (its `grpc-timeout` header: up to 8 digits and a unit of

@@ -17,6 +17,7 @@ use shardseal_proto::oip::{
 use shardseal_proto::tensor::HostTensor;
 use shardseal_sdk::tensor_file::{read_npy, write_npy};
 use shardseal_testkit::cluster::Cluster;
+use shardseal_testkit::metrics::scrape;
 use shardseal_testkit::models;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
@@ -35,12 +36,21 @@ struct Proxy {
     _child: Child,
     /// `host:port`, as standard clients take it.
     address: String,
+    /// Its Prometheus endpoint, `host:port`.
+    metrics: String,
 }
 
 impl Proxy {
     async fn start(cluster: &Cluster) -> Self {
         let mut child = Command::new(shardseal())
-            .args(["proxy", "--listen", "127.0.0.1:0", "--coordinator"])
+            .args([
+                "proxy",
+                "--listen",
+                "127.0.0.1:0",
+                "--metrics-listen",
+                "127.0.0.1:0",
+            ])
+            .arg("--coordinator")
             .arg(&cluster.coordinator_url)
             .arg("--trust")
             .arg(cluster.state().join("trust.json"))
@@ -50,10 +60,15 @@ impl Proxy {
             .spawn()
             .expect("spawn shardseal proxy");
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let address = tokio::time::timeout(Duration::from_secs(60), async {
+        let (address, metrics) = tokio::time::timeout(Duration::from_secs(60), async {
+            let mut metrics = None;
             while let Ok(Some(line)) = lines.next_line().await {
+                if let Some(address) = line.strip_prefix("SHARDSEAL_METRICS ") {
+                    metrics = Some(address.trim().to_owned());
+                }
                 if let Some(address) = line.strip_prefix("SHARDSEAL_READY ") {
-                    return address.trim().to_owned();
+                    let metrics = metrics.expect("the metrics endpoint before ready");
+                    return (address.trim().to_owned(), metrics);
                 }
             }
             panic!("shardseal proxy exited before it was ready");
@@ -65,6 +80,7 @@ impl Proxy {
         Self {
             _child: child,
             address,
+            metrics,
         }
     }
 
@@ -329,6 +345,32 @@ async fn the_proxy_answers_the_protocol_with_exact_statuses() {
 
     // The proxy keeps serving after refusals.
     assert!(client.model_infer(request).await.is_ok());
+
+    // Its metrics count each inference once, under the model when its pipeline was
+    // verified and `_unknown` otherwise (an unknown name, a version not served).
+    let text = scrape(&proxy.metrics);
+    let count = |series: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {series} in\n{text}"))
+    };
+    let total = "shardseal_proxy_requests_total";
+    assert_eq!(count(&format!(r#"{total}{{model="mlp",code="OK"}}"#)), 3.0);
+    assert_eq!(
+        count(&format!(
+            r#"{total}{{model="mlp",code="INVALID_ARGUMENT"}}"#
+        )),
+        2.0
+    );
+    assert_eq!(
+        count(&format!(r#"{total}{{model="_unknown",code="NOT_FOUND"}}"#)),
+        2.0
+    );
+    assert_eq!(
+        count(r#"shardseal_proxy_request_duration_seconds_count{model="mlp"}"#),
+        5.0
+    );
+    assert!(!text.contains("no-such-model"), "{text}");
     cluster.stop().await;
 }
 
