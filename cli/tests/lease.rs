@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use shardseal_attestation::ModelId;
 use shardseal_function::StageEngine;
 use shardseal_keys::broker::owner::OwnerClient;
-use shardseal_sdk::Error;
+use shardseal_sdk::{Client, Error};
 use shardseal_testkit::cluster::Cluster;
 use shardseal_testkit::models;
 use shardseal_testkit::sealed::{inputs_for, max_relative_diff};
@@ -51,8 +51,9 @@ fn alive(pid: u32) -> bool {
     })
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_warm_function_renews_its_lease_and_stops_when_the_broker_stays_away() {
+/// A deployment under `LEASE_MS` leases serving `models::mlp` as `name` in one stage, the
+/// model's bytes, and a patient client of it.
+async fn leased_mlp(name: &str) -> (Cluster, Vec<u8>, Client) {
     let exe = Path::new(env!("CARGO_BIN_EXE_shardseal"));
     let cluster = Cluster::start_with(
         exe,
@@ -60,11 +61,17 @@ async fn a_warm_function_renews_its_lease_and_stops_when_the_broker_stays_away()
     )
     .await;
     let model = models::mlp(&Default::default());
-    cluster.provision_and_register("leased", &model, 1).await;
+    cluster.provision_and_register(name, &model, 1).await;
     let client = cluster
         .client()
         .await
         .with_deadline(Duration::from_secs(60));
+    (cluster, model, client)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_warm_function_renews_its_lease_and_stops_when_the_broker_stays_away() {
+    let (cluster, model, client) = leased_mlp("leased").await;
     let engine = StageEngine::load(&model).unwrap();
     let inputs = inputs_for(&client, "leased", 0).await;
     let expected = engine.run(&inputs).unwrap();
@@ -133,18 +140,7 @@ async fn a_warm_function_renews_its_lease_and_stops_when_the_broker_stays_away()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_revoked_model_stops_its_running_functions_at_their_next_renewal() {
-    let exe = Path::new(env!("CARGO_BIN_EXE_shardseal"));
-    let cluster = Cluster::start_with(
-        exe,
-        &["--token-lifetime-ms".to_owned(), LEASE_MS.to_string()],
-    )
-    .await;
-    let model = models::mlp(&Default::default());
-    cluster.provision_and_register("revoked", &model, 1).await;
-    let client = cluster
-        .client()
-        .await
-        .with_deadline(Duration::from_secs(60));
+    let (cluster, _, client) = leased_mlp("revoked").await;
     let inputs = inputs_for(&client, "revoked", 0).await;
     client
         .infer("revoked", inputs.clone())
