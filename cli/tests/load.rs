@@ -29,7 +29,7 @@ use shardseal_proto::tensor::HostTensor;
 use shardseal_sdk::{Client, Error};
 use shardseal_testkit::canary::{INPUT, WEIGHT, holds};
 use shardseal_testkit::cluster::{Cluster, log_field};
-use shardseal_testkit::metrics::scrape;
+use shardseal_testkit::metrics::{Metrics, scrape};
 use shardseal_testkit::models;
 use shardseal_testkit::sealed::{inputs_for, max_abs_diff};
 
@@ -431,22 +431,13 @@ fn refusals_counted(cluster: &Cluster) -> (u64, u64) {
         .lines()
         .find(|l| l.contains("metrics endpoint"))
         .expect("the coordinator serves metrics");
-    let text = scrape(log_field(line, "addr"));
-    let value = |series: &str| -> u64 {
-        text.lines()
-            .find_map(|l| l.strip_prefix(series)?.trim().parse::<f64>().ok())
-            .map_or(0, |v| v as u64)
-    };
-    let shed = text
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("shardseal_coordinator_shed_total ")?
-                .parse::<f64>()
-                .ok()
-        })
-        .expect("shed_total is exported") as u64;
+    let metrics = Metrics::parse(&scrape(log_field(line, "addr")));
     (
-        shed,
-        value(r#"shardseal_coordinator_requests_total{model="mlp",code="RESOURCE_EXHAUSTED"}"#),
+        metrics.get("shardseal_coordinator_shed_total") as u64,
+        metrics
+            .try_get(
+                r#"shardseal_coordinator_requests_total{model="mlp",code="RESOURCE_EXHAUSTED"}"#,
+            )
+            .unwrap_or(0.0) as u64,
     )
 }

@@ -9,7 +9,7 @@ use shardseal_keys::{RequestId, seal_activation};
 use shardseal_proto::tensor::{HostTensor, encode_bundle};
 use shardseal_proto::v1::InferRequest;
 use shardseal_testkit::cluster::Cluster;
-use shardseal_testkit::metrics::scrape;
+use shardseal_testkit::metrics::{Metrics, scrape};
 use shardseal_testkit::models;
 use shardseal_testkit::sealed::request_header;
 
@@ -246,32 +246,6 @@ async fn metrics_count_what_was_sent_and_one_request_id_crosses_every_process() 
         assert!(!line.to_string().contains("4321.625"), "{line}");
     }
     cluster.stop().await;
-}
-
-/// Parsed `name{labels} value` lines.
-struct Metrics(Vec<(String, f64)>);
-
-impl Metrics {
-    fn parse(text: &str) -> Self {
-        Self(
-            text.lines()
-                .filter(|l| !l.starts_with('#') && !l.is_empty())
-                .map(|l| {
-                    let (series, value) = l.rsplit_once(' ').expect("name value");
-                    (series.to_owned(), value.parse().expect("a number"))
-                })
-                .collect(),
-        )
-    }
-
-    fn try_get(&self, series: &str) -> Option<f64> {
-        self.0.iter().find(|(s, _)| s == series).map(|(_, v)| *v)
-    }
-
-    fn get(&self, series: &str) -> f64 {
-        self.try_get(series)
-            .unwrap_or_else(|| panic!("no series {series}"))
-    }
 }
 
 /// Label names are a fixed set; their values are model ids, numbers, codes or outcomes.

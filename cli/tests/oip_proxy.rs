@@ -17,7 +17,7 @@ use shardseal_proto::oip::{
 use shardseal_proto::tensor::HostTensor;
 use shardseal_sdk::tensor_file::{read_npy, write_npy};
 use shardseal_testkit::cluster::Cluster;
-use shardseal_testkit::metrics::scrape;
+use shardseal_testkit::metrics::{Metrics, scrape};
 use shardseal_testkit::models;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
@@ -349,25 +349,24 @@ async fn the_proxy_answers_the_protocol_with_exact_statuses() {
     // Its metrics count each inference once, under the model when its pipeline was
     // verified and `_unknown` otherwise (an unknown name, a version not served).
     let text = scrape(&proxy.metrics);
-    let count = |series: &str| -> f64 {
-        text.lines()
-            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
-            .unwrap_or_else(|| panic!("no {series} in\n{text}"))
-    };
+    let metrics = Metrics::parse(&text);
     let total = "shardseal_proxy_requests_total";
-    assert_eq!(count(&format!(r#"{total}{{model="mlp",code="OK"}}"#)), 3.0);
     assert_eq!(
-        count(&format!(
+        metrics.get(&format!(r#"{total}{{model="mlp",code="OK"}}"#)),
+        3.0
+    );
+    assert_eq!(
+        metrics.get(&format!(
             r#"{total}{{model="mlp",code="INVALID_ARGUMENT"}}"#
         )),
         2.0
     );
     assert_eq!(
-        count(&format!(r#"{total}{{model="_unknown",code="NOT_FOUND"}}"#)),
+        metrics.get(&format!(r#"{total}{{model="_unknown",code="NOT_FOUND"}}"#)),
         2.0
     );
     assert_eq!(
-        count(r#"shardseal_proxy_request_duration_seconds_count{model="mlp"}"#),
+        metrics.get(r#"shardseal_proxy_request_duration_seconds_count{model="mlp"}"#),
         5.0
     );
     assert!(!text.contains("no-such-model"), "{text}");

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use shardseal_function::StageEngine;
 use shardseal_testkit::cluster::{Cluster, log_field as field};
-use shardseal_testkit::metrics::scrape;
+use shardseal_testkit::metrics::{Metrics, scrape};
 use shardseal_testkit::models::{self, Mlp};
 use shardseal_testkit::sealed::{inputs_for, max_abs_diff};
 
@@ -145,16 +145,11 @@ async fn requests_waiting_at_a_stage_run_as_one_batch_and_each_gets_its_own_answ
         let log = log_of_stage(&cluster, "batched", stage);
         let sizes: Vec<f64> = batch_sizes(&log).into_iter().map(|b| b as f64).collect();
         let runs: f64 = sizes.iter().map(|b| 1.0 / b).sum();
-        let metrics = scrape(&metrics_addr(&log));
+        let metrics = Metrics::parse(&scrape(&metrics_addr(&log)));
         let series = |suffix: &str| {
-            let name = format!(
-                "shardseal_function_batch_requests_{suffix}{{model=\"batched\",stage=\"{stage}\"}} "
-            );
-            metrics
-                .lines()
-                .find_map(|l| l.strip_prefix(&name))
-                .and_then(|v| v.trim().parse::<f64>().ok())
-                .unwrap_or_else(|| panic!("no {name} in:\n{metrics}"))
+            metrics.get(&format!(
+                "shardseal_function_batch_requests_{suffix}{{model=\"batched\",stage=\"{stage}\"}}"
+            ))
         };
         assert_eq!(
             series("sum"),

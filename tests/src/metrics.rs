@@ -18,3 +18,32 @@ pub fn scrape(addr: &str) -> String {
     assert!(head.contains("text/plain; version=0.0.4"), "{head}");
     body.to_owned()
 }
+
+/// A scrape's samples, parsed: each `name{labels} value` line.
+pub struct Metrics(Vec<(String, f64)>);
+
+impl Metrics {
+    /// Parses the text exposition format (comment lines skipped).
+    pub fn parse(text: &str) -> Self {
+        Self(
+            text.lines()
+                .filter(|l| !l.starts_with('#') && !l.is_empty())
+                .map(|l| {
+                    let (series, value) = l.rsplit_once(' ').expect("name value");
+                    (series.to_owned(), value.parse().expect("a number"))
+                })
+                .collect(),
+        )
+    }
+
+    /// The value of `series` (its name and labels exactly as exported), if exported.
+    pub fn try_get(&self, series: &str) -> Option<f64> {
+        self.0.iter().find(|(s, _)| s == series).map(|(_, v)| *v)
+    }
+
+    /// The value of `series`, which must be exported.
+    pub fn get(&self, series: &str) -> f64 {
+        self.try_get(series)
+            .unwrap_or_else(|| panic!("no series {series}"))
+    }
+}
