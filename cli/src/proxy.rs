@@ -273,7 +273,7 @@ const REQUEST_DURATION: &str = "shardseal_proxy_request_duration_seconds";
 /// Counts one `ModelInfer` and its latency, under its model if the proxy verified that
 /// model's pipeline, else `_unknown` (a client cannot grow the label set with names).
 fn record_inference(model: Option<&str>, code: Code, took: std::time::Duration) {
-    let model = model.unwrap_or("_unknown");
+    let model = model.unwrap_or(shardseal_coordinator::metrics::UNKNOWN_MODEL);
     let registry = shardseal_proto::metrics::global();
     registry
         .counter(

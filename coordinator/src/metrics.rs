@@ -38,11 +38,6 @@ pub const COLD_START_DURATION: &str = "shardseal_coordinator_cold_start_duration
 /// The label used for a request whose model is not deployed (a refused or unknown name).
 pub const UNKNOWN_MODEL: &str = "_unknown";
 
-/// Counts one request shed at admission (see [`SHED_TOTAL`]).
-pub fn record_shed() {
-    shed_counter().inc();
-}
-
 /// [`SHED_TOTAL`], created at zero so a scrape shows it before the first shed.
 pub fn shed_counter() -> Arc<shardseal_proto::metrics::Counter> {
     global().counter(

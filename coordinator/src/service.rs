@@ -242,13 +242,13 @@ pub async fn run(
     let tls = pki
         .server_config(Role::Coordinator)
         .map_err(|e| Status::internal(e.to_string()))?;
-    crate::metrics::shed_counter();
+    let shed = crate::metrics::shed_counter();
     let admission = tower::ServiceBuilder::new()
         // tonic would name the shed "too many active requests for the connection"; the
         // limit is the coordinator's, over every connection.
-        .map_err(|error: tower::BoxError| -> tower::BoxError {
+        .map_err(move |error: tower::BoxError| -> tower::BoxError {
             if error.is::<tower::load_shed::error::Overloaded>() {
-                crate::metrics::record_shed();
+                shed.inc();
                 Box::new(Status::resource_exhausted(AT_CAPACITY))
             } else {
                 error
