@@ -99,7 +99,8 @@ pub(crate) struct BenchArgs {
     /// Measure the coordinator alone: routed requests per second and CPU per request.
     #[arg(long)]
     routing: bool,
-    /// Print one JSON object per stage count (JSON Lines) instead of tables.
+    /// Print one JSON object per stage count (JSON Lines) instead of tables, each as soon
+    /// as its stage count is measured. Progress goes to stderr either way.
     #[arg(long)]
     json: bool,
     /// Keep the state folder (logs included) here instead of a temporary one.
@@ -355,11 +356,6 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
 }
 
 async fn bench(args: &BenchArgs) -> anyhow::Result<()> {
-    let say = |msg: &str| {
-        if !args.json {
-            eprintln!("{msg}");
-        }
-    };
     let (model_bytes, base_id) = match (&args.model, args.routing) {
         (None, true) => (
             shardseal_testkit::models::mlp(&Default::default()),
@@ -381,17 +377,17 @@ async fn bench(args: &BenchArgs) -> anyhow::Result<()> {
     let layout = Layout::new(&state);
     std::fs::create_dir_all(&state)?;
 
-    say("loading the whole model in plain tract");
+    progress("loading the whole model in plain tract");
     let plain_load = load_phases(&model_bytes).context("loading the model in tract")?;
     let plain = Arc::new(StageEngine::load(&model_bytes).context("loading the model in tract")?);
     let batch = if args.batch_probe > 1 && !args.routing {
-        say(&format!(
+        progress(&format!(
             "timing plain tract at batch 1 and batch {}",
             args.batch_probe
         ));
         let probe = batch_probe(&model_bytes, args.batch_probe, args.requests.max(5));
         if let Some(e) = &probe.error {
-            say(&format!("batch probe skipped: {e}"));
+            progress(&format!("batch probe skipped: {e}"));
         }
         Some(probe)
     } else {
@@ -401,7 +397,7 @@ async fn bench(args: &BenchArgs) -> anyhow::Result<()> {
     let owner = OwnerKeyStore::init(&layout.owner()).context("creating the owner's key store")?;
     let mut variants = Vec::new();
     for &n in &args.stages {
-        say(&format!("provisioning {base_id} in {n} stage(s)"));
+        progress(&format!("provisioning {base_id} in {n} stage(s)"));
         let variant = match provision_variant(&layout, &owner, &model_bytes, &base_id, n) {
             Ok(v) => v,
             Err(e) if args.stages.len() > 1 => {
@@ -411,7 +407,7 @@ async fn bench(args: &BenchArgs) -> anyhow::Result<()> {
             Err(e) => return Err(e),
         };
         if args.max_batch > 1 && !args.routing {
-            say(&format!(
+            progress(&format!(
                 "provisioning {base_id} in {n} stage(s) again, for stage batching"
             ));
             let twin = variant.batched_twin(&layout, &owner, &model_bytes, args.max_batch)?;
@@ -425,7 +421,7 @@ async fn bench(args: &BenchArgs) -> anyhow::Result<()> {
         bail!("the planner could cut {base_id} into none of the stage counts asked for");
     }
 
-    say("starting the quoting agent, the key broker and the coordinator");
+    progress("starting the quoting agent, the key broker and the coordinator");
     let mut stack = Stack::start(&state, &[owner.verifying_key()], None, None).await?;
     // No replica until a variant's first request, then one per stage for the whole run:
     // see the module doc.
@@ -467,13 +463,12 @@ async fn bench(args: &BenchArgs) -> anyhow::Result<()> {
         // Every variant's functions, one variant after another, before any measurement:
         // the shards are still in the page cache from provisioning.
         for v in &variants {
-            say(&format!("starting {} ({} stage(s))", v.id, v.stages));
+            progress(&format!("starting {} ({} stage(s))", v.id, v.stages));
             start_functions(&client, v.id.as_str()).await?;
         }
-        let mut lines = Vec::new();
         let mut reports = Vec::new();
         for v in &variants {
-            say(&format!("measuring {} ({} stage(s))", v.id, v.stages));
+            progress(&format!("measuring {} ({} stage(s))", v.id, v.stages));
             let ready = observe::replicas_ready(&layout.logs().join("coordinator.log"))?;
             let replicas = latest_replica_per_stage(&ready, v.id.as_str());
             let processes = Processes {
@@ -481,23 +476,25 @@ async fn bench(args: &BenchArgs) -> anyhow::Result<()> {
                 coordinator_pid,
                 logs: layout.logs(),
             };
-            let line = if args.routing {
+            // Each variant's figures go out as soon as they exist: a sweep that fails at a
+            // later stage count keeps the ones before it.
+            if args.routing {
                 let report = measure_routing(args, &client, v, &processes).await?;
-                if !args.json {
+                if args.json {
+                    println!("{}", serde_json::to_string(&report)?);
+                } else {
                     print_routing(&report);
                 }
-                serde_json::to_string(&report)?
             } else {
                 let mut report = measure(args, &client, &plain, plain_load, v, &processes).await?;
                 report.batch_probe = batch.clone();
-                if !args.json {
+                if args.json {
+                    println!("{}", serde_json::to_string(&report)?);
+                } else {
                     print_run(&report);
                 }
-                let line = serde_json::to_string(&report)?;
                 reports.push(report);
-                line
-            };
-            lines.push(line);
+            }
         }
         if !args.json && reports.len() > 1 {
             print_sweep(&base_id, &reports);
@@ -507,17 +504,11 @@ async fn bench(args: &BenchArgs) -> anyhow::Result<()> {
         {
             print_batch_probe(probe);
         }
-        Ok::<_, anyhow::Error>(lines)
+        Ok::<_, anyhow::Error>(())
     }
     .await;
     stack.stop().await;
-    let lines = result?;
-    if args.json {
-        for line in lines {
-            println!("{line}");
-        }
-    }
-    Ok(())
+    result
 }
 
 /// Starts `model`'s functions with one untimed request: each stage cold-starts when the
@@ -748,6 +739,10 @@ async fn measure(
         .collect::<anyhow::Result<_>>()?;
 
     // Latency, one request at a time, plain and sealed alternating.
+    progress(&format!(
+        "  latency: {} requests of each, one at a time, plain and sealed alternating",
+        args.requests
+    ));
     let mut plain_ms = Vec::new();
     let mut sealed_ms = Vec::new();
     let mut stage_timings: Vec<Vec<[f64; 3]>> = vec![Vec::new(); v.stages];
@@ -797,6 +792,11 @@ async fn measure(
     let mut loaded_ms = Vec::new();
     let mut done = 0;
     for round in 0..rounds {
+        progress(&format!(
+            "  throughput: round {} of {rounds} (plain tract at {parallelisms:?} in parallel, sealed at {} in flight)",
+            round + 1,
+            args.concurrency
+        ));
         // Split the requests as evenly as the rounds allow.
         let n = (args.requests * (round + 1)) / rounds - done;
         done += n;
@@ -1313,6 +1313,12 @@ fn print_routing(r: &RoutingReport) {
         r.function_cpu_us_per_request,
         r.client_cpu_us_per_request
     );
+}
+
+/// Says what the bench is doing, on stderr (stdout carries only the results, tables or
+/// JSON Lines): a sweep of a large model runs for many minutes.
+fn progress(msg: &str) {
+    eprintln!("{msg}");
 }
 
 fn ms_since(t: Instant) -> f64 {

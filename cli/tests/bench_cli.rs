@@ -13,6 +13,11 @@ fn shardseal() -> &'static Path {
 
 /// Runs `shardseal bench <args> --json` and parses its JSON Lines.
 fn bench(args: &[&str]) -> Vec<Value> {
+    bench_with_progress(args).0
+}
+
+/// As [`bench`], with what it said on stderr as it went.
+fn bench_with_progress(args: &[&str]) -> (Vec<Value>, String) {
     let output = Command::new(shardseal())
         .arg("bench")
         .args(args)
@@ -25,11 +30,15 @@ fn bench(args: &[&str]) -> Vec<Value> {
         "shardseal bench failed: {}",
         String::from_utf8_lossy(&output.stderr)
     );
-    String::from_utf8(output.stdout)
+    let reports = String::from_utf8(output.stdout)
         .expect("UTF-8 output")
         .lines()
         .map(|line| serde_json::from_str(line).expect("one JSON object per line"))
-        .collect()
+        .collect();
+    (
+        reports,
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
 }
 
 fn number(report: &Value, field: &str) -> f64 {
@@ -52,7 +61,7 @@ fn bench_json_reports_every_field_for_each_stage_count() {
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("tiny.onnx");
     std::fs::write(&model, models::mlp(&Default::default())).unwrap();
-    let reports = bench(&[
+    let (reports, progress) = bench_with_progress(&[
         "--model",
         model.to_str().unwrap(),
         "--stages",
@@ -69,6 +78,24 @@ fn bench_json_reports_every_field_for_each_stage_count() {
         "2",
     ]);
     assert_eq!(reports.len(), 2, "one object per stage count");
+    // Progress goes to stderr with --json too (stdout held only the JSON above), phase by
+    // phase for each stage count.
+    for stages in [1, 2] {
+        assert!(
+            progress.contains(&format!("measuring tiny-s{stages} ({stages} stage(s))")),
+            "{progress}"
+        );
+    }
+    assert_eq!(
+        progress.matches("  latency: 3 requests of each").count(),
+        2,
+        "{progress}"
+    );
+    assert_eq!(
+        progress.matches("  throughput: round ").count(),
+        6,
+        "{progress}"
+    );
     for (report, stages) in reports.iter().zip([1usize, 2]) {
         assert_eq!(report["model"], format!("tiny-s{stages}"));
         assert_eq!(report["stages"], stages);
