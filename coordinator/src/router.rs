@@ -406,7 +406,7 @@ impl Router {
         // held[k]: hop k's input, whole, from when it has all arrived until hop k + 1's
         // has (a hop runs again only while its answer is being forwarded).
         let mut held: Vec<Option<Pieces>> = vec![None; stages];
-        held[0] = Some(Pieces::from_sealed(input));
+        held[0] = Some(Pieces::whole(input));
         let mut timings: Vec<Option<StageTiming>> = vec![None; stages];
         let mut retries = 0;
         let mut reruns = 0;
@@ -623,6 +623,11 @@ impl Router {
                     // The next hop's call has ended; its attempt will tell why.
                     forward = None;
                 }
+            }
+            if pieces.is_complete() {
+                // The next stage has it all: end its input now rather than after this
+                // answer's own end arrives (which still follows, and is still checked).
+                forward = None;
             }
             let received = tokio::time::timeout_at(deadline.into(), rest.message())
                 .await

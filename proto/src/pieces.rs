@@ -82,6 +82,24 @@ impl Pieces {
         }
     }
 
+    /// The whole `sealed` as one piece: for a sender that holds it all already (the
+    /// client's request, received whole), where cutting it would only add messages.
+    pub fn whole(sealed: Sealed) -> Self {
+        let Sealed { enc, ciphertext } = sealed;
+        let len = ciphertext.len() as u64;
+        Self {
+            enc,
+            announced: len,
+            received: len,
+            parts: if ciphertext.is_empty() {
+                Vec::new()
+            } else {
+                vec![ciphertext]
+            },
+            timing: None,
+        }
+    }
+
     /// Starts gathering from `first`, refusing an announced length over `limit` bytes.
     pub fn start(first: ActivationPiece, limit: usize) -> Result<Self, PieceError> {
         if first.enc.is_empty() {
@@ -253,6 +271,14 @@ mod tests {
             let back = gather(messages, len).unwrap();
             assert_eq!(back.timing(), Some(timing));
             assert_eq!(back.into_sealed(), whole, "{len} bytes");
+
+            let one = Pieces::whole(whole.clone()).to_messages(Some(&header), 3, None);
+            assert_eq!(one.len(), 1);
+            assert_eq!(
+                gather(one, len).unwrap().into_sealed(),
+                whole,
+                "{len} bytes whole"
+            );
         }
     }
 
