@@ -14,13 +14,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let descriptors = protox::compile(&files, [root])?;
     // Sealed payloads (activations, model inputs and outputs: up to hundreds of MiB) decode
     // as slices of the received buffer instead of copies, and the coordinator relays them
-    // to the next hop (and keeps them for a retry) without copying them again; the same
-    // for the pieces of a sealed activation.
+    // to the next hop (and keeps them for a retry) without copying them again.
     // A tensor's values are read out of an opened bundle in place (one copy, into the
     // tensor) instead of through an intermediate copy.
     tonic_prost_build::configure()
         .bytes(".shardseal.v1.Sealed")
-        .bytes(".shardseal.v1.ActivationPiece")
         .bytes(".shardseal.v1.Tensor.data")
         .compile_fds(descriptors)?;
     Ok(())

@@ -4,12 +4,7 @@
 //! request's deadline. A hop that fails because its replica died or became unreachable
 //! is retried on another replica (started on demand); a hop the function refused (a
 //! tampered or misaddressed activation) is not, since another replica would refuse it
-//! too. Activations travel in pieces (`StageFunction.ProcessPieces`,
-//! [`shardseal_proto::pieces`]): each piece of a stage's answer goes on to the next stage
-//! as it arrives, so a cut costs about one transfer rather than two end to end. The
-//! router holds each hop's input whole until the next hop's has all arrived, and no
-//! longer: if a stage dies halfway through its answer, its hop runs again from that input
-//! and the next stage's call, left short, is abandoned. The router sees only ciphertext and the request header: it cannot open what it
+//! too. The router sees only ciphertext and the request header: it cannot open what it
 //! relays, and nothing here could, since it holds no key.
 //!
 //! Many requests are in flight at once, each on its own task, so stage 0 works on
@@ -27,14 +22,12 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use shardseal_attestation::{ModelId, StageIndex};
-use shardseal_proto::pieces::{PieceError, Pieces};
 use shardseal_proto::tls::{Pki, Role};
 use shardseal_proto::v1::stage_function_client::StageFunctionClient;
-use shardseal_proto::v1::{ActivationPiece, RequestHeader, Sealed, StageTiming};
-use tokio::sync::{Notify, RwLock, Semaphore, mpsc};
-use tokio_stream::wrappers::ReceiverStream;
+use shardseal_proto::v1::{ProcessRequest, RequestHeader, Sealed, StageTiming};
+use tokio::sync::{Notify, RwLock, Semaphore};
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
-use tonic::{Code, Status, Streaming};
+use tonic::{Code, Status};
 
 use crate::autoscale::{ScalingPolicy, StageScaler};
 use crate::billing::{Invocation, UsageLog};
@@ -138,85 +131,6 @@ pub struct Routed {
     pub timings: Vec<StageTiming>,
     /// How many hops had to be retried on another replica.
     pub retries: usize,
-}
-
-/// A hop's input.
-enum Input {
-    /// Held whole: the client's request, or an answer kept to run a hop again.
-    Held(Pieces),
-    /// The previous stage's answer, still arriving.
-    Arriving(Box<Answer>),
-}
-
-/// A stage's answer, from its first piece on, and the call it comes from.
-struct Answer {
-    index: usize,
-    replica: Arc<LiveReplica>,
-    called: Instant,
-    first: ActivationPiece,
-    rest: Streaming<ActivationPiece>,
-    _in_flight: InFlight,
-}
-
-/// A hop that has begun to answer.
-struct Hop {
-    answer: Answer,
-    /// Its input, whole.
-    input: Pieces,
-    /// The timing of the stage whose answer the input was, if it was one.
-    input_timing: Option<StageTiming>,
-    /// Attempts that failed before this one.
-    retries: usize,
-}
-
-/// Where a relayed answer's pieces go: the call to the next stage.
-struct Forward {
-    sender: mpsc::Sender<ActivationPiece>,
-    stage: u32,
-}
-
-/// Why relaying stopped.
-enum Relay {
-    /// The stage whose answer was being received failed while sending it: its hop is to
-    /// run again.
-    UpstreamFailed(Status),
-    /// The request fails with this status.
-    Failed(Status),
-}
-
-/// Counts a call in its replica's `in_flight` until the call's answer is all received.
-struct InFlight(Arc<LiveReplica>);
-
-impl InFlight {
-    fn new(replica: &Arc<LiveReplica>) -> Self {
-        replica.in_flight.fetch_add(1, Ordering::Relaxed);
-        Self(replica.clone())
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// Pieces queued for a call before the relay waits for it to take them (a few, so the
-/// relay runs ahead of the call by little memory).
-const PIECES_QUEUED: usize = 4;
-
-/// The first piece of an answer, or why there is none.
-async fn first_piece(
-    mut answer: Streaming<ActivationPiece>,
-    deadline: Instant,
-) -> Result<(ActivationPiece, Streaming<ActivationPiece>), Status> {
-    match tokio::time::timeout_at(deadline.into(), answer.message()).await {
-        Ok(Ok(Some(first))) => Ok((first, answer)),
-        Ok(Ok(None)) => Err(Status::internal("a stage answered with no activations")),
-        Ok(Err(status)) => Err(status),
-        Err(_) => Err(Status::deadline_exceeded(
-            "deadline passed waiting for an answer",
-        )),
-    }
 }
 
 /// Where the router learns how many stages a model has when a request names a model it
@@ -382,11 +296,6 @@ impl Router {
     }
 
     /// Routes one request through every stage.
-    ///
-    /// Each stage's answer is relayed to the next stage piece by piece as it arrives
-    /// ([`shardseal_proto::pieces`]), and kept whole until the request ends: a hop whose
-    /// answer fails on its way (its replica died while sending it) is run again from the
-    /// input it was given, and the next hop's call, left short, is abandoned.
     pub async fn route(
         self: &Arc<Self>,
         header: RequestHeader,
@@ -401,92 +310,42 @@ impl Router {
         let model = ModelId::new(header.model_id.clone())
             .map_err(|_| Status::invalid_argument("invalid model id"))?;
         let deployment = self.deployment(&model).await?;
-        let stages = deployment.stages.len();
 
-        // held[k]: hop k's input, whole, from when it has all arrived until hop k + 1's
-        // has (a hop runs again only while its answer is being forwarded).
-        let mut held: Vec<Option<Pieces>> = vec![None; stages];
-        held[0] = Some(Pieces::whole(input));
-        let mut timings: Vec<Option<StageTiming>> = vec![None; stages];
+        let mut activations = input;
+        let mut timings = Vec::with_capacity(deployment.stages.len());
         let mut retries = 0;
-        let mut reruns = 0;
-        let mut index = 0;
-        let mut arriving: Option<Box<Answer>> = None;
-        loop {
-            let input = match (arriving.take(), &held[index]) {
-                (Some(answer), _) => Input::Arriving(answer),
-                (None, Some(pieces)) => Input::Held(pieces.clone()),
-                (None, None) => return Err(Status::internal("a hop's input was let go early")),
-            };
-            let failed = match self.hop(&deployment, index, &header, input, deadline).await {
-                Ok(hop) => {
-                    retries += hop.retries;
-                    if let (Some(before), Some(timing)) = (index.checked_sub(1), hop.input_timing) {
-                        timings[before] = Some(timing);
-                    }
-                    held[index] = Some(hop.input);
-                    if let Some(before) = index.checked_sub(1) {
-                        held[before] = None;
-                    }
-                    if index + 1 < stages {
-                        arriving = Some(Box::new(hop.answer));
-                        index += 1;
-                        continue;
-                    }
-                    match self
-                        .receive(&deployment, &header, hop.answer, None, deadline)
-                        .await
-                    {
-                        Ok(output) => {
-                            timings[index] = output.timing();
-                            return Ok(Routed {
-                                output: output.into_sealed(),
-                                timings: timings.into_iter().flatten().collect(),
-                                retries,
-                            });
-                        }
-                        // The last stage failed while answering: run it again.
-                        Err(Relay::UpstreamFailed(status)) => status,
-                        Err(Relay::Failed(status)) => return Err(status),
-                    }
-                }
-                // The stage before failed while its answer was forwarded: run it again.
-                Err(Relay::UpstreamFailed(status)) => {
-                    index = index
-                        .checked_sub(1)
-                        .ok_or_else(|| Status::internal("no stage before the first"))?;
-                    status
-                }
-                Err(Relay::Failed(status)) => return Err(status),
-            };
-            reruns += 1;
-            retries += 1;
-            if reruns >= self.config.max_attempts {
-                return Err(failed);
-            }
+        for index in 0..deployment.stages.len() {
+            let (sealed, timing, retried) = self
+                .hop(&deployment, index, &header, activations, deadline)
+                .await?;
+            activations = sealed;
+            timings.extend(timing);
+            retries += retried;
         }
+        Ok(Routed {
+            output: activations,
+            timings,
+            retries,
+        })
     }
 
-    /// Runs hop `index` on `input`, on another replica for each attempt whose replica
-    /// fails, and returns once the stage begins to answer.
     async fn hop(
         self: &Arc<Self>,
         deployment: &Arc<Deployment>,
         index: usize,
         header: &RequestHeader,
-        mut input: Input,
+        activations: Sealed,
         deadline: Instant,
-    ) -> Result<Hop, Relay> {
+    ) -> Result<(Sealed, Option<StageTiming>, usize), Status> {
         let pool = &deployment.stages[index];
         let mut last_error = Status::unavailable(format!("no replica of {}", pool.stage));
-        let mut input_timing = None;
         for attempt in 0..self.config.max_attempts {
             let remaining = deadline.saturating_duration_since(Instant::now());
             if remaining.is_zero() {
-                return Err(Relay::Failed(Status::deadline_exceeded(format!(
+                return Err(Status::deadline_exceeded(format!(
                     "deadline passed at {}",
                     pool.stage
-                ))));
+                )));
             }
             let replica = match tokio::time::timeout(remaining, self.pick(deployment, index)).await
             {
@@ -496,169 +355,46 @@ impl Router {
                     continue;
                 }
                 Err(_) => {
-                    return Err(Relay::Failed(Status::deadline_exceeded(format!(
+                    return Err(Status::deadline_exceeded(format!(
                         "deadline passed waiting for a replica of {}",
                         pool.stage
-                    ))));
+                    )));
                 }
             };
-            let (sender, pieces) = mpsc::channel(PIECES_QUEUED);
-            let mut request = tonic::Request::new(ReceiverStream::new(pieces));
+            let mut request = tonic::Request::new(ProcessRequest {
+                header: Some(header.clone()),
+                stage: pool.stage.stage.0,
+                activations: Some(activations.clone()),
+            });
+            let remaining = deadline.saturating_duration_since(Instant::now());
             request.set_timeout(remaining);
             shardseal_proto::request_id::attach(&mut request);
-            let in_flight = InFlight::new(&replica);
+            replica.in_flight.fetch_add(1, Ordering::Relaxed);
             let called = Instant::now();
-            let mut client = replica.client.clone();
-            let forward = Forward {
-                sender,
-                stage: pool.stage.stage.0,
-            };
-            let (answered, fed) = tokio::join!(
-                client.process_pieces(request),
-                self.feed(deployment, header, input, forward, deadline),
-            );
-            let fed = fed?;
-            input_timing = input_timing.or(fed.timing());
-            let answered = match answered {
-                Ok(response) => first_piece(response.into_inner(), deadline).await,
-                Err(status) => Err(status),
-            };
+            let result = replica.client.clone().process(request).await;
+            replica.in_flight.fetch_sub(1, Ordering::Relaxed);
             pool.scaler().touch(Instant::now());
-            match answered {
-                Ok((first, rest)) => {
-                    return Ok(Hop {
-                        answer: Answer {
-                            index,
-                            replica,
-                            called,
-                            first,
-                            rest,
-                            _in_flight: in_flight,
-                        },
-                        input: fed,
-                        input_timing,
-                        retries: attempt,
-                    });
+            if !matches!(&result, Err(status) if replica_failed(status)) {
+                self.bill(header, &replica, called.elapsed(), result.is_ok());
+            }
+            match result {
+                Ok(response) => {
+                    let response = response.into_inner();
+                    let sealed = response.activations.ok_or_else(|| {
+                        Status::internal(format!("{} returned no activations", pool.stage))
+                    })?;
+                    return Ok((sealed, response.timing, attempt));
                 }
                 Err(status) if replica_failed(&status) => {
                     tracing::warn!(stage = %pool.stage, replica = replica.replica.id, code = ?status.code(),
                         "replica failed; retrying the hop on another replica");
                     self.retire(pool, &replica, Duration::ZERO).await;
                     last_error = Status::unavailable(format!("{} is unavailable", pool.stage));
-                    input = Input::Held(fed);
                 }
-                Err(status) => {
-                    self.bill(header, &replica, called.elapsed(), false);
-                    return Err(Relay::Failed(status));
-                }
+                Err(status) => return Err(status),
             }
         }
-        Err(Relay::Failed(last_error))
-    }
-
-    /// Sends `input` to a hop's call through `forward`, as it arrives if it is the previous
-    /// stage's answer, and returns it whole. A call that has gone away stops receiving,
-    /// but the input is still taken whole, for the next attempt.
-    async fn feed(
-        &self,
-        deployment: &Deployment,
-        header: &RequestHeader,
-        input: Input,
-        forward: Forward,
-        deadline: Instant,
-    ) -> Result<Pieces, Relay> {
-        match input {
-            Input::Held(pieces) => {
-                for piece in pieces.to_messages(Some(header), forward.stage, None) {
-                    if forward.sender.send(piece).await.is_err() {
-                        break;
-                    }
-                }
-                Ok(pieces)
-            }
-            Input::Arriving(answer) => {
-                self.receive(deployment, header, *answer, Some(forward), deadline)
-                    .await
-            }
-        }
-    }
-
-    /// Receives a stage's whole answer, forwarding each piece as it comes if `forward`
-    /// says where, and bills the call once it has all come.
-    async fn receive(
-        &self,
-        deployment: &Deployment,
-        header: &RequestHeader,
-        answer: Answer,
-        mut forward: Option<Forward>,
-        deadline: Instant,
-    ) -> Result<Pieces, Relay> {
-        let Answer {
-            index,
-            replica,
-            called,
-            first,
-            mut rest,
-            _in_flight,
-        } = answer;
-        let pool = &deployment.stages[index];
-        let misbehaved = |e: PieceError| {
-            Relay::Failed(Status::internal(format!(
-                "{} answered badly: {e}",
-                pool.stage
-            )))
-        };
-        let mut pieces = Pieces::start(first.clone(), MAX_MESSAGE_BYTES).map_err(misbehaved)?;
-        let mut next = Some(ActivationPiece {
-            header: Some(header.clone()),
-            ..first
-        });
-        loop {
-            if let (Some(mut piece), Some(to)) = (next.take(), &forward) {
-                piece.timing = None;
-                if let Some(stage) = piece.header.is_some().then_some(to.stage) {
-                    piece.stage = stage;
-                }
-                if to.sender.send(piece).await.is_err() {
-                    // The next hop's call has ended; its attempt will tell why.
-                    forward = None;
-                }
-            }
-            if pieces.is_complete() {
-                // The next stage has it all: end its input now rather than after this
-                // answer's own end arrives (which still follows, and is still checked).
-                forward = None;
-            }
-            let received = tokio::time::timeout_at(deadline.into(), rest.message())
-                .await
-                .map_err(|_| {
-                    Relay::Failed(Status::deadline_exceeded(format!(
-                        "deadline passed receiving {}'s answer",
-                        pool.stage
-                    )))
-                })?;
-            match received {
-                Ok(Some(piece)) => {
-                    pieces.push(piece.clone()).map_err(misbehaved)?;
-                    next = Some(piece);
-                }
-                Ok(None) => break,
-                Err(status) if replica_failed(&status) => {
-                    tracing::warn!(stage = %pool.stage, replica = replica.replica.id, code = ?status.code(),
-                        "replica failed while answering; running its hop again");
-                    self.retire(pool, &replica, Duration::ZERO).await;
-                    return Err(Relay::UpstreamFailed(Status::unavailable(format!(
-                        "{} is unavailable",
-                        pool.stage
-                    ))));
-                }
-                Err(status) => return Err(Relay::Failed(status)),
-            }
-        }
-        let pieces = pieces.finish().map_err(misbehaved)?;
-        pool.scaler().touch(Instant::now());
-        self.bill(header, &replica, called.elapsed(), true);
-        Ok(pieces)
+        Err(last_error)
     }
 
     /// Records one invocation for billing. A replica that died mid-call is not billed:

@@ -8,19 +8,17 @@ use shardseal_keys::{
     ActivationContext, Direction, RecipientPublicKey, RequestId, Sealed, TAG_LEN, open_activation,
     seal_activation_in_place,
 };
-use shardseal_proto::pieces::Pieces;
 use shardseal_proto::tensor::{HostTensor, decode_bundle_shared, encode_bundle_with_spare};
 use shardseal_proto::tls::{Pki, Role};
 use shardseal_proto::v1::stage_function_server::{StageFunction, StageFunctionServer};
 use shardseal_proto::v1::{
-    ActivationPiece, ProcessRequest, ProcessResponse, ReadyRequest, ReadyResponse, RequestHeader,
-    StageTiming,
+    ProcessRequest, ProcessResponse, ReadyRequest, ReadyResponse, RequestHeader, StageTiming,
 };
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
-use tonic::{Request, Response, Status, Streaming};
+use tonic::{Request, Response, Status};
 
 use crate::cold_start::AttestedStage;
 use crate::{Error, WipeOnFree};
@@ -432,60 +430,6 @@ impl StageFunction for StageService {
         result
     }
 
-    type ProcessPiecesStream =
-        futures::stream::Iter<std::vec::IntoIter<Result<ActivationPiece, Status>>>;
-
-    /// [`StageFunction::process`] with the activations in pieces: gathered whole (no more,
-    /// no less than the first piece announces, within [`MAX_MESSAGE_BYTES`]) before
-    /// anything else, then processed as one request, the answer sent back in pieces.
-    #[tracing::instrument(skip_all, fields(stage = self.stage.stage.0, request_id))]
-    async fn process_pieces(
-        &self,
-        request: Request<Streaming<ActivationPiece>>,
-    ) -> Result<Response<Self::ProcessPiecesStream>, Status> {
-        let supplied_id = shardseal_proto::request_id::from_metadata(request.metadata());
-        let mut incoming = request.into_inner();
-        let refused =
-            |e: shardseal_proto::pieces::PieceError| Status::invalid_argument(e.to_string());
-        let mut first = incoming
-            .message()
-            .await?
-            .ok_or_else(|| refused(shardseal_proto::pieces::PieceError::Empty))?;
-        let header = first
-            .header
-            .take()
-            .ok_or_else(|| Status::invalid_argument("missing request header"))?;
-        let request_id = supplied_id.unwrap_or_else(|| hex::encode(&header.request_id));
-        tracing::Span::current().record("request_id", request_id.as_str());
-        let stage = first.stage;
-        let began = Instant::now();
-        let gathered = async {
-            let mut pieces = Pieces::start(first, MAX_MESSAGE_BYTES).map_err(refused)?;
-            while let Some(piece) = incoming.message().await? {
-                pieces.push(piece).map_err(refused)?;
-            }
-            pieces.finish().map_err(refused)
-        }
-        .await;
-        let result = match gathered {
-            Ok(pieces) => {
-                self.process_checked(header, stage, Some(pieces.into_sealed()))
-                    .await
-            }
-            Err(status) => Err(status),
-        };
-        self.record(&result, began.elapsed());
-        let ProcessResponse {
-            activations,
-            timing,
-        } = result?.into_inner();
-        let sealed = activations.ok_or_else(|| Status::internal("the stage sealed no answer"))?;
-        let answer = Pieces::from_sealed(sealed).to_messages(None, 0, timing);
-        Ok(Response::new(futures::stream::iter(
-            answer.into_iter().map(Ok).collect::<Vec<_>>(),
-        )))
-    }
-
     async fn ready(&self, _: Request<ReadyRequest>) -> Result<Response<ReadyResponse>, Status> {
         let s = &self.stage;
         Ok(Response::new(ReadyResponse {
@@ -660,7 +604,6 @@ mod tests {
     use shardseal_attestation::{ModelId, ModelVersion, StageIndex};
     use shardseal_keys::{RecipientPrivateKey, seal_activation};
     use shardseal_proto::tensor::encode_bundle;
-    use shardseal_proto::v1::stage_function_client::StageFunctionClient;
     use shardseal_proto::v1::{ColdStart, SignedBlob};
     use shardseal_testkit::models::{self, Mlp};
 
@@ -669,11 +612,6 @@ mod tests {
 
     /// The one stage of a small MLP, loaded to batch up to 4 requests.
     fn batching_stage() -> Arc<AttestedStage> {
-        Arc::new(mlp_stage())
-    }
-
-    /// The one stage of a small MLP, loaded to batch up to 4 requests.
-    fn mlp_stage() -> AttestedStage {
         let onnx = models::mlp(&Mlp {
             batch: 1,
             input: 8,
@@ -684,7 +622,7 @@ mod tests {
         let engine = StageEngine::load_batched(&onnx, 4).unwrap();
         assert_eq!(engine.max_batch(), 4, "the test model batches");
         let outputs = engine.outputs().to_vec();
-        AttestedStage {
+        Arc::new(AttestedStage {
             model: ModelId::new("mlp").unwrap(),
             version: ModelVersion(1),
             stage: StageIndex(0),
@@ -698,7 +636,7 @@ mod tests {
             lease: crate::lease::Lease::forever(),
             cold_start: ColdStart::default(),
             timings: Default::default(),
-        }
+        })
     }
 
     /// A request with these input values, sealed to the stage, and the key its answer is
@@ -803,165 +741,5 @@ mod tests {
     fn inputs(stage: &AttestedStage, values: &[f32]) -> Vec<HostTensor> {
         let spec = &stage.engine.inputs()[0];
         vec![HostTensor::from_f32(spec.name.clone(), spec.shape.clone(), values).unwrap()]
-    }
-
-    /// Serves `service` over plaintext HTTP/2 on a loopback port, and a client of it.
-    async fn served(service: StageService) -> StageFunctionClient<tonic::transport::Channel> {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(serve_stage(
-            Server::builder(),
-            listener,
-            service,
-            std::future::pending(),
-        ));
-        StageFunctionClient::connect(format!("http://{addr}"))
-            .await
-            .unwrap()
-    }
-
-    /// `sealed` as a request in pieces of at most `size` bytes.
-    fn in_pieces(header: &RequestHeader, sealed: &Sealed, size: usize) -> Vec<ActivationPiece> {
-        let wire: shardseal_proto::v1::Sealed = sealed.clone().into();
-        let mut pieces = vec![ActivationPiece {
-            header: Some(header.clone()),
-            enc: wire.enc.clone(),
-            ciphertext_len: wire.ciphertext.len() as u64,
-            ..Default::default()
-        }];
-        pieces.extend(wire.ciphertext.chunks(size).map(|part| ActivationPiece {
-            ciphertext: part.to_vec().into(),
-            ..Default::default()
-        }));
-        pieces
-    }
-
-    /// Sends `pieces` to `ProcessPieces` and gathers the answer.
-    async fn send(
-        client: &mut StageFunctionClient<tonic::transport::Channel>,
-        pieces: Vec<ActivationPiece>,
-    ) -> Result<(Sealed, Option<StageTiming>), Status> {
-        let mut answer = client
-            .process_pieces(futures::stream::iter(pieces))
-            .await?
-            .into_inner();
-        let first = answer.message().await?.expect("an answer");
-        let mut gathered = Pieces::start(first, MAX_MESSAGE_BYTES).unwrap();
-        while let Some(piece) = answer.message().await? {
-            gathered.push(piece).unwrap();
-        }
-        let gathered = gathered.finish().unwrap();
-        let timing = gathered.timing();
-        Ok((Sealed::try_from(gathered.into_sealed()).unwrap(), timing))
-    }
-
-    #[tokio::test]
-    async fn a_request_in_pieces_is_served_as_the_same_request_whole() {
-        let service = StageService::new(mlp_stage());
-        let stage = service.shared_stage();
-        let mut client = served(service).await;
-        let values: Vec<f32> = (0..8).map(|i| 0.5 - i as f32 / 8.0).collect();
-        let expected = stage.engine.run(&inputs(&stage, &values)).unwrap();
-
-        let (header, sealed, key) = request(&stage, &values);
-        let pieces = in_pieces(&header, &sealed, 7);
-        assert!(pieces.len() > 3, "the ciphertext is cut small");
-        let (answered, timing) = send(&mut client, pieces).await.expect("served");
-        assert_eq!(answer(&stage, &header, &key, &answered), expected);
-        assert!(
-            timing.is_some_and(|t| t.run_ms > 0.0),
-            "the last piece says how long it ran"
-        );
-
-        let (header, sealed, key) = request(&stage, &values);
-        let whole = client
-            .process(ProcessRequest {
-                header: Some(header.clone()),
-                stage: 0,
-                activations: Some(sealed.into()),
-            })
-            .await
-            .expect("served whole")
-            .into_inner();
-        let whole = Sealed::try_from(whole.activations.unwrap()).unwrap();
-        assert_eq!(answer(&stage, &header, &key, &whole), expected);
-    }
-
-    #[tokio::test]
-    async fn pieces_that_do_not_add_up_are_refused_before_any_is_opened() {
-        let service = StageService::new(mlp_stage());
-        let stage = service.shared_stage();
-        let mut client = served(service).await;
-        let (header, sealed, _) = request(&stage, &[0.25; 8]);
-        let pieces = in_pieces(&header, &sealed, 16);
-        let refused = async |client: &mut StageFunctionClient<_>, pieces| {
-            let status = send(client, pieces).await.expect_err("refused");
-            assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
-            status.message().to_owned()
-        };
-
-        let mut short = pieces.clone();
-        short.pop();
-        assert!(refused(&mut client, short).await.contains("bytes short of"));
-
-        let mut long = pieces.clone();
-        long.push(ActivationPiece {
-            ciphertext: b"one more".to_vec().into(),
-            ..Default::default()
-        });
-        assert!(refused(&mut client, long).await.contains("more than the"));
-
-        let mut huge = pieces.clone();
-        huge[0].ciphertext_len = MAX_MESSAGE_BYTES as u64 + 1;
-        assert!(refused(&mut client, huge).await.contains("more than the"));
-
-        let mut second_header = pieces.clone();
-        second_header[2].header = Some(header.clone());
-        assert!(
-            refused(&mut client, second_header)
-                .await
-                .contains("later piece")
-        );
-
-        let mut headless = pieces.clone();
-        headless[0].header = None;
-        assert!(
-            refused(&mut client, headless)
-                .await
-                .contains("missing request header")
-        );
-
-        assert!(
-            refused(&mut client, Vec::new())
-                .await
-                .contains("no activations")
-        );
-    }
-
-    #[tokio::test]
-    async fn a_tampered_or_spliced_piece_fails_the_envelope_as_a_whole() {
-        let service = StageService::new(mlp_stage());
-        let stage = service.shared_stage();
-        let mut client = served(service).await;
-        let (header, sealed, _) = request(&stage, &[0.25; 8]);
-        let pieces = in_pieces(&header, &sealed, 16);
-
-        let mut tampered = pieces.clone();
-        let mut flipped = tampered[2].ciphertext.to_vec();
-        flipped[3] ^= 1;
-        tampered[2].ciphertext = flipped.into();
-        let status = send(&mut client, tampered).await.expect_err("refused");
-        assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
-
-        // The same piece of another request for the same stage, of the same length.
-        let (_, other, _) = request(&stage, &[0.25; 8]);
-        let mut spliced = pieces.clone();
-        spliced[2] = in_pieces(&header, &other, 16).swap_remove(2);
-        assert_ne!(spliced[2].ciphertext, pieces[2].ciphertext);
-        let status = send(&mut client, spliced).await.expect_err("refused");
-        assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
-
-        // Untouched, the same pieces still serve.
-        send(&mut client, pieces).await.expect("served");
     }
 }

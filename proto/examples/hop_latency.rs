@@ -20,14 +20,12 @@ use bytes::Bytes;
 use shardseal_proto::tls::{Pki, Role};
 use shardseal_proto::v1::stage_function_client::StageFunctionClient;
 use shardseal_proto::v1::stage_function_server::{StageFunction, StageFunctionServer};
-use shardseal_proto::v1::{
-    ActivationPiece, ProcessRequest, ProcessResponse, ReadyRequest, ReadyResponse, Sealed,
-};
+use shardseal_proto::v1::{ProcessRequest, ProcessResponse, ReadyRequest, ReadyResponse, Sealed};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Channel, Endpoint, Server};
-use tonic::{Request, Response, Status, Streaming};
+use tonic::{Request, Response, Status};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -55,15 +53,6 @@ impl StageFunction for Reply {
             }),
             timing: None,
         }))
-    }
-
-    type ProcessPiecesStream = tokio_stream::Empty<Result<ActivationPiece, Status>>;
-
-    async fn process_pieces(
-        &self,
-        _: Request<Streaming<ActivationPiece>>,
-    ) -> Result<Response<Self::ProcessPiecesStream>, Status> {
-        Err(Status::unimplemented("this example times Process"))
     }
 
     async fn ready(&self, _: Request<ReadyRequest>) -> Result<Response<ReadyResponse>, Status> {

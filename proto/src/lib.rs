@@ -34,7 +34,6 @@ pub mod oip {
 }
 
 pub mod metrics;
-pub mod pieces;
 pub mod request_id;
 pub mod tensor;
 pub mod tls;

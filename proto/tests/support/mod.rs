@@ -4,13 +4,11 @@ use std::net::SocketAddr;
 
 use shardseal_proto::tls::{Pki, Role};
 use shardseal_proto::v1::stage_function_server::{StageFunction, StageFunctionServer};
-use shardseal_proto::v1::{
-    ActivationPiece, ProcessRequest, ProcessResponse, ReadyRequest, ReadyResponse,
-};
+use shardseal_proto::v1::{ProcessRequest, ProcessResponse, ReadyRequest, ReadyResponse};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
-use tonic::{Request, Response, Status, Streaming};
+use tonic::{Request, Response, Status};
 
 /// Answers `Ready` with stage 7 and refuses `Process`.
 pub struct AlwaysReady;
@@ -21,13 +19,6 @@ impl StageFunction for AlwaysReady {
         &self,
         _: Request<ProcessRequest>,
     ) -> Result<Response<ProcessResponse>, Status> {
-        Err(Status::unimplemented("test"))
-    }
-    type ProcessPiecesStream = tokio_stream::Empty<Result<ActivationPiece, Status>>;
-    async fn process_pieces(
-        &self,
-        _: Request<Streaming<ActivationPiece>>,
-    ) -> Result<Response<Self::ProcessPiecesStream>, Status> {
         Err(Status::unimplemented("test"))
     }
     async fn ready(&self, _: Request<ReadyRequest>) -> Result<Response<ReadyResponse>, Status> {
