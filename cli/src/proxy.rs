@@ -266,8 +266,9 @@ impl OipProxy {
     }
 }
 
-/// `shardseal_proxy_requests_total` and `shardseal_proxy_request_duration_seconds`.
+/// `ModelInfer` calls answered, by model and gRPC code.
 const REQUESTS_TOTAL: &str = "shardseal_proxy_requests_total";
+/// `ModelInfer` latency, by model.
 const REQUEST_DURATION: &str = "shardseal_proxy_request_duration_seconds";
 
 /// Counts one `ModelInfer` and its latency, under its model if the proxy verified that

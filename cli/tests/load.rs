@@ -28,8 +28,8 @@ use shardseal_function::StageEngine;
 use shardseal_proto::tensor::HostTensor;
 use shardseal_sdk::{Client, Error};
 use shardseal_testkit::canary::{INPUT, WEIGHT, holds};
-use shardseal_testkit::cluster::{Cluster, log_field};
-use shardseal_testkit::metrics::{Metrics, scrape};
+use shardseal_testkit::cluster::Cluster;
+use shardseal_testkit::metrics::{Metrics, logged_addr, scrape};
 use shardseal_testkit::models;
 use shardseal_testkit::sealed::{inputs_for, max_abs_diff};
 
@@ -427,11 +427,7 @@ async fn above_saturation_the_coordinator_sheds_load() {
 /// (`shardseal_coordinator_requests_total` with code `RESOURCE_EXHAUSTED`).
 fn refusals_counted(cluster: &Cluster) -> (u64, u64) {
     let log = std::fs::read_to_string(cluster.state().join("logs/coordinator.log")).unwrap();
-    let line = log
-        .lines()
-        .find(|l| l.contains("metrics endpoint"))
-        .expect("the coordinator serves metrics");
-    let metrics = Metrics::parse(&scrape(log_field(line, "addr")));
+    let metrics = Metrics::parse(&scrape(&logged_addr(&log)));
     (
         metrics.get("shardseal_coordinator_shed_total") as u64,
         metrics

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use shardseal_function::StageEngine;
 use shardseal_testkit::cluster::{Cluster, log_field as field};
-use shardseal_testkit::metrics::{Metrics, scrape};
+use shardseal_testkit::metrics::{Metrics, logged_addr, scrape};
 use shardseal_testkit::models::{self, Mlp};
 use shardseal_testkit::sealed::{inputs_for, max_abs_diff};
 
@@ -41,15 +41,6 @@ fn log_of_stage(cluster: &Cluster, model: &str, stage: u32) -> String {
         .into_iter()
         .find(|log| log.contains(&format!("cold start model={model} stage={stage} ")))
         .unwrap_or_else(|| panic!("no function log for {model} stage {stage}"))
-}
-
-/// The metrics address a function logged (`metrics endpoint addr=...`).
-fn metrics_addr(log: &str) -> String {
-    log.lines()
-        .filter(|l| l.contains("metrics endpoint"))
-        .find_map(|l| l.split_whitespace().find_map(|t| t.strip_prefix("addr=")))
-        .map(|a| a.trim_end_matches(|c: char| !c.is_ascii_digit()).to_owned())
-        .unwrap_or_else(|| panic!("no metrics endpoint in:\n{log}"))
 }
 
 /// The batch sizes of the `processed` lines of `model`'s functions (one line per request
@@ -145,7 +136,7 @@ async fn requests_waiting_at_a_stage_run_as_one_batch_and_each_gets_its_own_answ
         let log = log_of_stage(&cluster, "batched", stage);
         let sizes: Vec<f64> = batch_sizes(&log).into_iter().map(|b| b as f64).collect();
         let runs: f64 = sizes.iter().map(|b| 1.0 / b).sum();
-        let metrics = Metrics::parse(&scrape(&metrics_addr(&log)));
+        let metrics = Metrics::parse(&scrape(&logged_addr(&log)));
         let series = |suffix: &str| {
             metrics.get(&format!(
                 "shardseal_function_batch_requests_{suffix}{{model=\"batched\",stage=\"{stage}\"}}"

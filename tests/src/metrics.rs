@@ -19,6 +19,15 @@ pub fn scrape(addr: &str) -> String {
     body.to_owned()
 }
 
+/// The metrics address a process logged in its text log (`metrics endpoint addr=...`).
+pub fn logged_addr(log: &str) -> String {
+    log.lines()
+        .filter(|l| l.contains("metrics endpoint"))
+        .find_map(|l| l.split_whitespace().find_map(|t| t.strip_prefix("addr=")))
+        .map(|a| a.trim_end_matches(|c: char| !c.is_ascii_digit()).to_owned())
+        .unwrap_or_else(|| panic!("no metrics endpoint in:\n{log}"))
+}
+
 /// A scrape's samples, parsed: each `name{labels} value` line.
 pub struct Metrics(Vec<(String, f64)>);
 
