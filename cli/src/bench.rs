@@ -220,6 +220,9 @@ struct StageColdStart {
     /// How the function spent memory while it loaded (`--load-memory`, which functions
     /// take from `SHARDSEAL_LOAD_MEMORY`): `fast` or `lean` (as `auto` decided it).
     load_memory: Option<String>,
+    /// How the function spends memory on inferences (`--serve-memory`, which functions take
+    /// from `SHARDSEAL_SERVE_MEMORY`): `heap` or `mapped`.
+    serve_memory: Option<String>,
     /// The function's peak resident memory (MiB) when it became ready, as it logged it:
     /// the load's peak, where `stage_peak_rss_mb` is the whole run's (serving included).
     ready_peak_rss_mb: Option<f64>,
@@ -885,6 +888,7 @@ async fn measure(
             plain_fresh_process_ms: fresh,
             fresh_ratio: r.spawn_to_ready_ms / fresh,
             load_memory: logged.load_memory,
+            serve_memory: logged.serve_memory,
             ready_peak_rss_mb: logged.ready_peak_rss_bytes.map(|b| b as f64 / MIB),
         });
     }
@@ -1221,6 +1225,19 @@ fn print_run(r: &RunReport) {
         println!(
             "functions loaded with --load-memory {}",
             load_memory.join(", ")
+        );
+    }
+    let mut serve_memory: Vec<&str> = r
+        .stage_cold_start
+        .iter()
+        .filter_map(|c| c.serve_memory.as_deref())
+        .collect();
+    serve_memory.sort_unstable();
+    serve_memory.dedup();
+    if !serve_memory.is_empty() {
+        println!(
+            "functions serve with --serve-memory {}",
+            serve_memory.join(", ")
         );
     }
     println!("max abs diff against plain tract: {:.3e}", r.max_abs_diff);

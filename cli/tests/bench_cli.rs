@@ -23,6 +23,7 @@ fn bench_with_progress(args: &[&str]) -> (Vec<Value>, String) {
         .args(args)
         .arg("--json")
         .env_remove(shardseal_function::LOAD_MEMORY_ENV)
+        .env_remove(shardseal_function::SERVE_MEMORY_ENV)
         .output()
         .expect("running shardseal bench");
     assert!(
@@ -178,6 +179,7 @@ fn bench_json_reports_every_field_for_each_stage_count() {
             assert!((number(stage, "fresh_ratio") - ready / fresh).abs() < 1e-9 * (ready / fresh));
             // The default (`auto`) loads this small model fast, as the functions logged it.
             assert_eq!(stage["load_memory"], "fast");
+            assert_eq!(stage["serve_memory"], "mapped");
             // The load's peak, as the function logged it when ready.
             assert!(number(stage, "ready_peak_rss_mb") > 0.0);
         }

@@ -48,7 +48,7 @@ use shardseal_store::{Error as StoreError, ShardStore, StoreConfig, StoreKey};
 use tonic::transport::{ClientTlsConfig, Endpoint};
 
 use crate::lease::{Lease, lease_end};
-use crate::memory::LoadMemory;
+use crate::memory::{LoadMemory, ServeMemory};
 use crate::{Error, StageEngine, harden_process};
 
 /// Where a function finds the broker, the agent and its shard.
@@ -74,6 +74,8 @@ pub struct ColdStartConfig {
     /// How to spend memory while the shard loads, as set up by the process (`Auto` is
     /// decided here, by the shard's size in the signed manifest).
     pub load_memory: LoadMemory,
+    /// How to spend memory on inferences once loaded.
+    pub serve_memory: ServeMemory,
 }
 
 /// A stage whose keys were released to this process after it attested.
@@ -196,14 +198,15 @@ pub async fn cold_start(config: &ColdStartConfig) -> Result<AttestedStage, Error
         ));
     }
     let max_batch = config.max_batch;
+    let serve_memory = config.serve_memory;
     let loading = tokio::task::spawn_blocking(move || {
         let loaded = StageEngine::load_shard(fetched.chunks, max_batch);
         // Give the memory of the plaintext, the proto and the unoptimised model back to the
         // system now, while nothing else allocates.
-        crate::memory::release_free_memory();
-        loaded
+        let serving = crate::memory::release_free_memory(serve_memory);
+        loaded.map(|loaded| (loaded, serving))
     });
-    let (engine, load) = loading
+    let ((engine, load), serve_memory) = loading
         .await
         .map_err(|e| Error::ModelLoad(format!("loader task: {e}")))??;
     let loaded_at = Instant::now();
@@ -224,6 +227,7 @@ pub async fn cold_start(config: &ColdStartConfig) -> Result<AttestedStage, Error
         shard_bytes,
         peak_rss_bytes: crate::memory::peak_rss_bytes().unwrap_or(0),
         load_memory,
+        serve_memory,
     };
 
     Ok(AttestedStage {
@@ -551,6 +555,8 @@ pub struct ColdStartTimings {
     pub peak_rss_bytes: u64,
     /// How the shard was loaded (never `Auto`: as decided).
     pub load_memory: LoadMemory,
+    /// How the stage serves (`Heap` if `Mapped` was asked for and could not be set up).
+    pub serve_memory: ServeMemory,
 }
 
 /// How long this process has existed: now (`CLOCK_BOOTTIME`, from `/proc/uptime`) minus its
@@ -870,6 +876,7 @@ mod tests {
             stage: StageIndex(0),
             max_batch: 1,
             load_memory: LoadMemory::Auto,
+            serve_memory: ServeMemory::Heap,
         };
         let attested = Attested {
             reply: AttestResponse {

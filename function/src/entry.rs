@@ -9,7 +9,7 @@ use shardseal_store::StoreConfig;
 
 use crate::Error;
 use crate::cold_start::{ColdStartConfig, cold_start};
-use crate::memory::LoadMemory;
+use crate::memory::{LoadMemory, ServeMemory};
 use crate::service::{StageService, run};
 
 /// The line printed on stdout once the stage is ready, followed by its address: the local
@@ -79,11 +79,22 @@ pub struct FunctionArgs {
     /// is the same in all.
     #[arg(long, env = LOAD_MEMORY_ENV, value_enum, default_value_t = LoadMemory::Auto)]
     pub load_memory: LoadMemory,
+    /// How to spend memory on inferences: `mapped` maps each block of 256 KiB or more on
+    /// its own, keeps the first 80 MiB of them freed for the next block of their size and
+    /// hands the rest back (a peak near the live tensors plus at most 80 MiB); `heap` takes
+    /// them from one heap that keeps what they free (with two inferences at once it grows
+    /// well beyond what they hold, by an amount that varies from run to run).
+    #[arg(long, env = SERVE_MEMORY_ENV, value_enum, default_value_t = ServeMemory::Mapped)]
+    pub serve_memory: ServeMemory,
 }
 
 /// The environment variable `--load-memory` reads; functions started by `shardseal up`
 /// inherit it.
 pub const LOAD_MEMORY_ENV: &str = "SHARDSEAL_LOAD_MEMORY";
+
+/// The environment variable `--serve-memory` reads; functions started by `shardseal up`
+/// inherit it.
+pub const SERVE_MEMORY_ENV: &str = "SHARDSEAL_SERVE_MEMORY";
 
 /// The largest `--max-batch` a function takes (and the coordinator passes on).
 pub const MAX_BATCH: u16 = 256;
@@ -149,6 +160,7 @@ async fn serve(args: FunctionArgs, load_memory: LoadMemory) -> Result<(), Error>
         stage: StageIndex(args.stage),
         max_batch: usize::from(args.max_batch),
         load_memory,
+        serve_memory: args.serve_memory,
     };
     let stage = cold_start(&config).await?;
     let lease_config = config.clone();
@@ -162,7 +174,7 @@ async fn serve(args: FunctionArgs, load_memory: LoadMemory) -> Result<(), Error>
         fetch_decrypt_ms = t.fetch_decrypt_ms,
         load_ms = t.load_ms, optimize_ms = t.optimize_ms, total_ms = t.total_ms,
         shard_bytes = t.shard_bytes, peak_rss_bytes = t.peak_rss_bytes,
-        load_memory = %t.load_memory.as_str(),
+        load_memory = %t.load_memory.as_str(), serve_memory = %t.serve_memory.as_str(),
         mapped_blocks = crate::WipeOnFree::mapped_block_count(),
         reused_blocks = crate::WipeOnFree::reused_block_count(),
         "cold start"

@@ -30,9 +30,14 @@ mod wipe_alloc;
 
 pub use cold_start::{AttestedStage, ColdStartConfig, ColdStartTimings, cold_start, process_age};
 pub use engine::{InputSpec, LoadTimings, StageEngine};
-pub use entry::{FunctionArgs, LOAD_MEMORY_ENV, MAX_BATCH, READY_MARKER, main_with};
+pub use entry::{
+    FunctionArgs, LOAD_MEMORY_ENV, MAX_BATCH, READY_MARKER, SERVE_MEMORY_ENV, main_with,
+};
 pub use hardening::{harden_process, is_dumpable};
-pub use memory::{LEAN_FROM_BYTES, LoadMemory, keep_freed_memory_for_reuse, peak_rss_bytes};
+pub use memory::{
+    LEAN_FROM_BYTES, LoadMemory, SERVING_KEPT_BYTES, ServeMemory, keep_freed_memory_for_reuse,
+    peak_rss_bytes,
+};
 pub use service::{MAX_MESSAGE_BYTES, StageService, run};
 pub use wipe_alloc::WipeOnFree;
 

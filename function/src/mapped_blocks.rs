@@ -1,4 +1,5 @@
-//! Large blocks mapped each on its own while a shard loads, for `--load-memory lean`.
+//! Large blocks mapped each on its own while a shard loads (`--load-memory lean`), and
+//! while a stage serves (`--serve-memory mapped`).
 //!
 //! tract's optimisation copies most weights once or twice (axis changes, folded
 //! constants, packing) and frees each old form only when a whole pass ends. From the one
@@ -6,11 +7,11 @@
 //! to about twice the shard before the load ends. Mapped on its own, a freed block goes
 //! back to the system at once, and the peak stays near what is live.
 //!
-//! The blocks come from one address range reserved at start-up ([`reserve`]), never
-//! reused: [`contains`] then tells the allocator, from the address alone, whether a block
-//! is one of these, even after mapping stopped ([`stop`]) once the shard is loaded (while
-//! serving, mapping each activation anew would fault it in on every request). A freed
-//! block's pages are replaced by an inaccessible mapping, so the range stays this module's.
+//! The blocks come from one address range reserved at start-up ([`reserve`]), whose
+//! addresses serve nothing else: [`contains`] then tells the allocator, from the address
+//! alone, whether a block is one of these, even after mapping stopped ([`stop`]) once the
+//! shard is loaded, when a stage serves from the heap. A freed block's pages are replaced
+//! by an inaccessible mapping, so the range stays this module's.
 //!
 //! A block released here is not wiped first: its pages leave the process at once (no core
 //! dump or later read of this process reaches them), and Linux zeroes a page before it
@@ -24,6 +25,15 @@
 //! allocations, that nearly halves the memory faulted in (809 → 432 MiB) for at most
 //! [`KEPT_BYTES`] more at the peak. Kept blocks are handed back once mapping
 //! stops ([`stop`]).
+//!
+//! Serving with blocks mapped ([`serve`]) keeps what a stage frees differently: every
+//! inference asks for the same sizes (its activations and scratch), round after round,
+//! so the first blocks freed are kept, up to a bound, and a block freed beyond it goes
+//! back to the system instead of displacing one kept (kept most recently freed, as a load
+//! keeps them, the cycle of an inference's sizes outruns the bound and nearly every block
+//! is faulted in anew). Serving maps and frees far more than any reserved range holds, so
+//! the addresses of a block handed back are remembered for the next block of their length
+//! ([`Kept::idle`]) instead of taken afresh from the range.
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -44,65 +54,132 @@ static MAPPING: AtomicBool = AtomicBool::new(false);
 static MAPPED: AtomicUsize = AtomicUsize::new(0);
 static REUSED: AtomicUsize = AtomicUsize::new(0);
 
-/// Freed blocks kept for reuse while mapping is on, in all at most this many bytes
+/// Freed blocks kept for reuse while a shard loads, in all at most this many bytes
 /// (16 MiB: within the 64 MiB a stage's memory target allows beyond its shard).
 pub(crate) const KEPT_BYTES: usize = 16 << 20;
 
-/// Room for this many kept blocks (the smallest mapped block is 256 KiB, so 64 hold
-/// [`KEPT_BYTES`] of them).
-const KEPT_SLOTS: usize = 64;
+/// The bound on kept blocks in effect: [`KEPT_BYTES`] while loading, [`serve`]'s while
+/// serving.
+static KEPT_LIMIT: AtomicUsize = AtomicUsize::new(KEPT_BYTES);
+
+/// Whether the stage serves with blocks mapped ([`serve`]): kept blocks stay until reused,
+/// and handed-back addresses are reused.
+static SERVING: AtomicBool = AtomicBool::new(false);
+
+/// Room for this many kept blocks, and as many idle ranges (the smallest mapped block is
+/// 256 KiB, so 256 hold 64 MiB of them).
+const KEPT_SLOTS: usize = 256;
 
 static KEPT: Mutex<Kept> = Mutex::new(Kept::new());
 
-/// Freed blocks kept mapped and wiped, oldest first, as (address, length) pairs. A plain
-/// array under a lock: the allocator calls in here, so nothing in it may allocate.
+/// Freed blocks kept mapped and wiped, and, while serving, the addresses of blocks handed
+/// back, each oldest first. Plain arrays under a lock: the allocator calls in here, so
+/// nothing in it may allocate.
 struct Kept {
-    blocks: [(usize, usize); KEPT_SLOTS],
-    count: usize,
+    blocks: Ranges,
     bytes: usize,
+    /// Ranges whose pages went back to the system (inaccessible, still this module's),
+    /// for the next block of their length to be mapped at.
+    idle: Ranges,
+}
+
+/// Up to [`KEPT_SLOTS`] (address, length) pairs, oldest first.
+struct Ranges {
+    ranges: [(usize, usize); KEPT_SLOTS],
+    count: usize,
+}
+
+impl Ranges {
+    const fn new() -> Self {
+        Self {
+            ranges: [(0, 0); KEPT_SLOTS],
+            count: 0,
+        }
+    }
+
+    fn is_full(&self) -> bool {
+        self.count == KEPT_SLOTS
+    }
+
+    /// Takes the most recent range of exactly `len` bytes. (Exactly: a block is freed with
+    /// its caller's size, so a larger one would be freed short of its end.)
+    fn take(&mut self, len: usize) -> Option<usize> {
+        let index = self.ranges[..self.count]
+            .iter()
+            .rposition(|&(_, held)| held == len)?;
+        Some(self.remove(index).0)
+    }
+
+    fn remove(&mut self, index: usize) -> (usize, usize) {
+        let range = self.ranges[index];
+        self.ranges.copy_within(index + 1..self.count, index);
+        self.count -= 1;
+        range
+    }
+
+    /// Adds a range; the caller made room.
+    fn push(&mut self, addr: usize, len: usize) {
+        self.ranges[self.count] = (addr, len);
+        self.count += 1;
+    }
 }
 
 impl Kept {
     const fn new() -> Self {
         Self {
-            blocks: [(0, 0); KEPT_SLOTS],
-            count: 0,
+            blocks: Ranges::new(),
             bytes: 0,
+            idle: Ranges::new(),
         }
     }
 
-    /// Takes the most recently kept block of exactly `len` bytes. (Exactly: a block is
-    /// freed with its caller's size, so a larger one would be freed short of its end.)
+    /// Takes the most recently kept block of exactly `len` bytes.
     fn take(&mut self, len: usize) -> Option<usize> {
-        let index = self.blocks[..self.count]
-            .iter()
-            .rposition(|&(_, kept)| kept == len)?;
-        Some(self.remove(index).0)
+        let addr = self.blocks.take(len)?;
+        self.bytes -= len;
+        Some(addr)
     }
 
-    fn remove(&mut self, index: usize) -> (usize, usize) {
-        let block = self.blocks[index];
-        self.blocks.copy_within(index + 1..self.count, index);
-        self.count -= 1;
+    fn remove_oldest(&mut self) -> (usize, usize) {
+        let block = self.blocks.remove(0);
         self.bytes -= block.1;
         block
     }
 
-    /// Keeps a block, giving the oldest back to the system while there is no room.
-    fn keep(&mut self, addr: usize, len: usize) {
-        while self.count == KEPT_SLOTS || self.bytes + len > KEPT_BYTES {
-            let (old, old_len) = self.remove(0);
-            unmap(old, old_len);
+    /// Keeps a block if it may. While a shard loads it always may, giving the oldest back
+    /// to the system while there is no room; while serving, only if there is room.
+    fn keep(&mut self, addr: usize, len: usize) -> bool {
+        let limit = KEPT_LIMIT.load(Ordering::Relaxed);
+        let no_room = |kept: &Self| kept.blocks.is_full() || kept.bytes + len > limit;
+        if SERVING.load(Ordering::Relaxed) {
+            if no_room(self) {
+                return false;
+            }
+        } else {
+            while no_room(self) {
+                let (old, old_len) = self.remove_oldest();
+                unmap(old, old_len);
+            }
         }
-        self.blocks[self.count] = (addr, len);
-        self.count += 1;
+        self.blocks.push(addr, len);
         self.bytes += len;
+        true
+    }
+
+    /// Remembers the addresses of a block handed back, forgetting the oldest if there is
+    /// no room (its addresses then stay unused).
+    fn idle(&mut self, addr: usize, len: usize) {
+        if self.idle.is_full() {
+            self.idle.remove(0);
+        }
+        self.idle.push(addr, len);
     }
 
     /// Gives every kept block back to the system.
     fn clear(&mut self) {
-        while self.count > 0 {
-            let (addr, len) = self.remove(self.count - 1);
+        while self.blocks.count > 0 {
+            let (addr, len) = self.blocks.remove(self.blocks.count - 1);
+            self.bytes -= len;
             unmap(addr, len);
         }
     }
@@ -160,6 +237,24 @@ pub(crate) fn stop() {
     kept().clear();
 }
 
+/// Serves with large blocks mapped from now on (reserving the range first if no lean
+/// load did): the blocks kept from the load go back to the system (a stage's inferences
+/// ask for other sizes), then the first blocks freed are kept, wiped, up to `kept_bytes`
+/// in all, each until a block of its length is asked for, and the addresses of those
+/// handed back beyond it are reused. Fails, mapping nothing, if the range cannot be
+/// reserved.
+pub(crate) fn serve(kept_bytes: usize) -> std::io::Result<()> {
+    if BASE.load(Ordering::Acquire) == 0 {
+        reserve(RESERVED_BYTES)?;
+    }
+    let mut kept = kept();
+    kept.clear();
+    KEPT_LIMIT.store(kept_bytes, Ordering::Relaxed);
+    SERVING.store(true, Ordering::Relaxed);
+    MAPPING.store(true, Ordering::Release);
+    Ok(())
+}
+
 /// Whether a new block of `size` bytes would be mapped (alignment aside): mapping is on
 /// and the block is large.
 pub(crate) fn maps(size: usize) -> bool {
@@ -182,20 +277,31 @@ pub(crate) fn map(size: usize, align: usize) -> Option<*mut u8> {
         return None;
     }
     let len = size.checked_next_multiple_of(page)?;
-    if let Some(kept) = kept().take(len) {
-        REUSED.fetch_add(1, Ordering::Relaxed);
-        return Some(kept as *mut u8);
-    }
-    let start = NEXT.fetch_add(len, Ordering::Relaxed);
-    let end = END.load(Ordering::Relaxed);
-    if start.checked_add(len).is_none_or(|stop| stop > end) {
-        // Used up: every later large block comes from the heap, and the kept ones, which
-        // only `map` could hand out again, go back now.
-        stop();
-        return None;
-    }
-    // SAFETY: [start, start + len) lies in the range reserved above, and `fetch_add` gave
-    // it to this call alone, so MAP_FIXED replaces only this module's inaccessible pages.
+    let idle = {
+        let mut kept = kept();
+        if let Some(block) = kept.take(len) {
+            REUSED.fetch_add(1, Ordering::Relaxed);
+            return Some(block as *mut u8);
+        }
+        kept.idle.take(len)
+    };
+    let start = match idle {
+        Some(start) => start,
+        None => {
+            let start = NEXT.fetch_add(len, Ordering::Relaxed);
+            let end = END.load(Ordering::Relaxed);
+            if start.checked_add(len).is_none_or(|stop| stop > end) {
+                // Used up: every later large block comes from the heap, and the kept ones,
+                // which only `map` could hand out again, go back now.
+                stop();
+                return None;
+            }
+            start
+        }
+    };
+    // SAFETY: [start, start + len) lies in the range reserved above, and `fetch_add` or
+    // the idle ranges (each a block handed back, taken out under the lock) gave it to this
+    // call alone, so MAP_FIXED replaces only this module's inaccessible pages.
     #[allow(unsafe_code)]
     let block = unsafe {
         libc::mmap(
@@ -225,8 +331,8 @@ pub(crate) fn reused_count() -> usize {
 }
 
 /// Frees a block mapped by [`map`]: while mapping is on, keeps it, wiped, for a later
-/// block of its size (see [`Kept`]); otherwise gives it back to the system, keeping its
-/// addresses reserved.
+/// block of its size if [`Kept`] may; otherwise gives it back to the system, keeping its
+/// addresses reserved (and, while serving, for the next block of its length).
 ///
 /// # Safety
 /// `ptr` came from [`map`] with this `size`, and nothing uses the block any more.
@@ -234,7 +340,7 @@ pub(crate) fn reused_count() -> usize {
 pub(crate) unsafe fn release(ptr: *mut u8, size: usize) {
     let page = PAGE.load(Ordering::Relaxed);
     let len = size.next_multiple_of(page);
-    if MAPPING.load(Ordering::Acquire) && len <= KEPT_BYTES {
+    if MAPPING.load(Ordering::Acquire) && len <= KEPT_LIMIT.load(Ordering::Relaxed) {
         // SAFETY: the caller's block of `size` bytes, no longer used. Past `size` it is
         // still zero: fresh from the kernel, or wiped whole before it was kept.
         unsafe { std::ptr::write_bytes(ptr, 0, size) };
@@ -242,12 +348,15 @@ pub(crate) unsafe fn release(ptr: *mut u8, size: usize) {
         let mut kept = kept();
         // Checked again under the lock: `stop` clears the kept blocks after it turns
         // mapping off, so none is kept after that.
-        if MAPPING.load(Ordering::Acquire) {
-            kept.keep(ptr as usize, len);
+        if MAPPING.load(Ordering::Acquire) && kept.keep(ptr as usize, len) {
             return;
         }
     }
     unmap(ptr as usize, len);
+    // Offered for reuse only once inaccessible: `map` maps whatever it takes afresh.
+    if SERVING.load(Ordering::Relaxed) {
+        kept().idle(ptr as usize, len);
+    }
 }
 
 /// Replaces a block's pages with an inaccessible mapping that holds no memory, so they
@@ -317,21 +426,70 @@ mod tests {
             let kept = kept();
             assert_eq!(kept.bytes, KEPT_BYTES);
             let newest: Vec<usize> = blocks[8..].iter().map(|&b| b as usize).collect();
-            let held: Vec<usize> = kept.blocks[..kept.count].iter().map(|b| b.0).collect();
+            let held: Vec<usize> = kept.blocks.ranges[..kept.blocks.count]
+                .iter()
+                .map(|b| b.0)
+                .collect();
             assert_eq!(held, newest, "the oldest were handed back");
         }
 
         // Stopping hands every kept block back; later frees are not kept.
         stop();
-        assert_eq!(kept().count, 0);
+        assert_eq!(kept().blocks.count, 0);
         // SAFETY: from `map` with these sizes, no longer used.
         unsafe {
             release(again, MIB - 100);
             release(other, 2 * MIB);
         }
-        let kept = kept();
-        assert_eq!((kept.count, kept.bytes), (0, 0));
-        drop(kept);
+        let held = kept();
+        assert_eq!((held.blocks.count, held.bytes, held.idle.count), (0, 0, 0));
+        drop(held);
         assert!(map(MIB, 8).is_none(), "mapping is off");
+
+        // Serving: the first blocks freed are kept up to the bound, the rest handed back
+        // with their addresses remembered, and both handed out again for their length.
+        serve(4 * MIB).unwrap();
+        let blocks: Vec<*mut u8> = (0..6).map(|_| map(MIB, 8).unwrap()).collect();
+        for &block in &blocks {
+            // SAFETY: the block is ours and `MIB` bytes long.
+            unsafe { std::ptr::write_bytes(block, 0xcd, MIB) };
+        }
+        // SAFETY: each from `map` with this size, no longer used.
+        unsafe {
+            for &block in &blocks {
+                release(block, MIB);
+            }
+        }
+        let addrs = |ranges: &Ranges| -> Vec<usize> {
+            ranges.ranges[..ranges.count].iter().map(|r| r.0).collect()
+        };
+        let as_addrs =
+            |blocks: &[*mut u8]| -> Vec<usize> { blocks.iter().map(|&b| b as usize).collect() };
+        {
+            let kept = kept();
+            assert_eq!(
+                addrs(&kept.blocks),
+                as_addrs(&blocks[..4]),
+                "the first kept"
+            );
+            assert_eq!(kept.bytes, 4 * MIB);
+            assert_eq!(addrs(&kept.idle), as_addrs(&blocks[4..]), "the rest idle");
+        }
+        let (mapped, reused) = (mapped_count(), reused_count());
+        let again: Vec<*mut u8> = (0..6).map(|_| map(MIB, 8).unwrap()).collect();
+        let mut sorted = as_addrs(&again);
+        sorted.sort_unstable();
+        let mut expected = as_addrs(&blocks);
+        expected.sort_unstable();
+        assert_eq!(sorted, expected, "no new addresses taken");
+        assert_eq!((mapped_count(), reused_count()), (mapped + 2, reused + 4));
+        for &block in &again {
+            assert!(
+                bytes(block, MIB).iter().all(|b| *b == 0),
+                "kept wiped, idle fresh"
+            );
+        }
+        let kept = kept();
+        assert_eq!((kept.blocks.count, kept.bytes, kept.idle.count), (0, 0, 0));
     }
 }

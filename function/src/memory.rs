@@ -23,10 +23,18 @@
 //! heap now grows to the load's largest extent before it is trimmed).
 //!
 //! Serving holds one set of activations per inference in flight (at most one per core,
-//! `StageService`), drawn from that one arena, which keeps freed blocks up to 64 MiB at
-//! the top of the heap (the trim threshold glibc itself moves to when its mapping
-//! threshold reaches 32 MiB) rather than give them back and fault them in again next
-//! request.
+//! `StageService`). By default (`--serve-memory mapped`, [`ServeMemory::Mapped`]) each
+//! block of 256 KiB or more is mapped on its own while serving too; the first of them
+//! freed, up to 80 MiB ([`SERVING_KEPT_BYTES`]), are kept, wiped, for the next block of
+//! their size, and the rest handed back: a stage asks for the same sizes every request, so
+//! once warm nearly every large block is a kept one, and the peak stays near the live
+//! tensors plus that bound. `--serve-memory heap` ([`ServeMemory::Heap`]) draws them from
+//! the one arena instead, which keeps freed blocks up to 64 MiB at the top of the heap
+//! (the trim threshold glibc itself moves to when its mapping threshold reaches 32 MiB);
+//! two inferences at once interleave their blocks there, and the heap grows far beyond
+//! what they hold live, by an amount that varies from run to run (ResNet-50: the whole
+//! model 43 to 102 MiB over its loaded size, the first stage of 2 71 to 151). Measured
+//! side by side in BENCHMARKS.md ("Serving with large blocks mapped").
 //!
 //! The one heap is what the fast load costs in memory: tract's optimisation copies most
 //! weights (axis changes, folded constants, packing) and frees the old forms only as each
@@ -146,10 +154,60 @@ fn start_lean() -> LoadMemory {
     }
 }
 
-/// Once the shard is loaded: stops mapping large blocks (serving reuses the heap's),
-/// returns the free heap memory to the system and sets the trim threshold for serving.
-pub(crate) fn release_free_memory() {
-    crate::WipeOnFree::stop_mapping_large_blocks();
+/// How a function spends memory on its inferences (`--serve-memory`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum ServeMemory {
+    /// Blocks of 256 KiB or more mapped each on its own, the first [`SERVING_KEPT_BYTES`]
+    /// of them freed kept for reuse, the rest handed back: a peak near the live tensors
+    /// plus that bound.
+    #[default]
+    Mapped,
+    /// Activations come from the one heap, which keeps what they free for reuse: a peak
+    /// well above the live tensors when inferences overlap, varying from run to run.
+    Heap,
+}
+
+impl ServeMemory {
+    /// The name `--serve-memory` takes, as logged.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Mapped => "mapped",
+            Self::Heap => "heap",
+        }
+    }
+}
+
+/// Freed blocks a stage serving with blocks mapped keeps for reuse (80 MiB). Measured on
+/// ResNet-50 in one stage, two inferences at a time: kept up to 48 MiB, the function spent
+/// 6 % more CPU per request than serving from the heap (blocks faulted in anew), up to
+/// 64 MiB 2.5 % more, up to 80 MiB none; its peak was 28, 33 to 38 and 38 to 40 MiB over
+/// the loaded model (against 43 to 102 from the heap).
+pub const SERVING_KEPT_BYTES: usize = 80 << 20;
+
+/// Once the shard is loaded: sets up serving as `serve` says (large blocks from the heap,
+/// or mapped on their own), returns the free heap memory to the system and sets the trim
+/// threshold for serving. Returns the mode in effect: `Heap` if the address range for
+/// mapped blocks cannot be reserved (under `ulimit -v`, say), which it logs.
+pub(crate) fn release_free_memory(serve: ServeMemory) -> ServeMemory {
+    let serving = match serve {
+        ServeMemory::Heap => {
+            crate::WipeOnFree::stop_mapping_large_blocks();
+            ServeMemory::Heap
+        }
+        ServeMemory::Mapped => {
+            match crate::WipeOnFree::serve_large_blocks_mapped(SERVING_KEPT_BYTES) {
+                Ok(()) => ServeMemory::Mapped,
+                Err(error) => {
+                    tracing::warn!(
+                        %error,
+                        "cannot reserve address space to serve with blocks mapped; serving from the heap"
+                    );
+                    crate::WipeOnFree::stop_mapping_large_blocks();
+                    ServeMemory::Heap
+                }
+            }
+        }
+    };
     // SAFETY: malloc_trim only releases memory malloc holds free (no live block is
     // touched) and takes no pointer.
     #[allow(unsafe_code)]
@@ -157,6 +215,7 @@ pub(crate) fn release_free_memory() {
         libc::malloc_trim(0);
     }
     mallopt(libc::M_TRIM_THRESHOLD, SERVING_TRIM_THRESHOLD);
+    serving
 }
 
 /// Free heap memory a relaying process keeps for reuse before giving any back (128 MiB).

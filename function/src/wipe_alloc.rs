@@ -9,7 +9,8 @@
 //!
 //! A function that loads with `--load-memory lean` maps large blocks each on its own while
 //! it loads (`mapped_blocks`); freeing one hands its pages back to the system, or keeps it,
-//! wiped, among the few most recently freed for reuse.
+//! wiped, among the few most recently freed for reuse. One that serves with
+//! `--serve-memory mapped` does so while it serves, keeping the first freed instead.
 //!
 //! One executable serves every role, so a process whose memory holds no secret of anyone's
 //! turns wiping off for itself ([`WipeOnFree::stop_in_this_process`]): the coordinator
@@ -67,6 +68,15 @@ impl WipeOnFree {
     /// loads). Fails if the address range for them cannot be reserved, or was already.
     pub fn map_large_blocks() -> std::io::Result<()> {
         mapped_blocks::reserve(mapped_blocks::RESERVED_BYTES)
+    }
+
+    /// Maps each block of 256 KiB or more on its own from now on while a stage serves (a
+    /// function's `--serve-memory mapped`), reserving the address range first unless a
+    /// lean load did: the first freed, up to `kept_bytes`, are kept wiped for the next
+    /// block of their size, the rest handed back to the system. Fails, mapping nothing,
+    /// if the range cannot be reserved.
+    pub fn serve_large_blocks_mapped(kept_bytes: usize) -> std::io::Result<()> {
+        mapped_blocks::serve(kept_bytes)
     }
 
     /// Takes large blocks from the heap again and hands back the freed ones kept for

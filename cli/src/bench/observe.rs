@@ -55,6 +55,8 @@ pub(super) struct FunctionColdStart {
     pub shard_bytes: Option<u64>,
     /// How the function spent memory while it loaded (`--load-memory`: `fast` or `lean`).
     pub load_memory: Option<String>,
+    /// How the function spends memory on inferences (`--serve-memory`: `heap` or `mapped`).
+    pub serve_memory: Option<String>,
     /// The function's peak resident memory when it became ready: the load's peak.
     pub ready_peak_rss_bytes: Option<u64>,
 }
@@ -110,6 +112,7 @@ pub(super) fn function_cold_start(function_log: &Path) -> Option<FunctionColdSta
         total_ms: get("total_ms"),
         shard_bytes: f.get("shard_bytes").and_then(|v| v.parse().ok()),
         load_memory: f.get("load_memory").map(|v| (*v).to_owned()),
+        serve_memory: f.get("serve_memory").map(|v| (*v).to_owned()),
         ready_peak_rss_bytes: f.get("peak_rss_bytes").and_then(|v| v.parse().ok()),
     })
 }
@@ -228,7 +231,7 @@ mod tests {
              2026-01-01T00:00:00.000002Z  INFO shardseal_function::entry: cold start \
              model=m stage=0 startup_ms=4 connect_ms=1.5 attest_ms=10.5 fetch_ms=2 \
              decrypt_ms=3.25 load_ms=15 optimize_ms=20 total_ms=56.5 shard_bytes=4096 \
-             peak_rss_bytes=1048576 load_memory=lean mapped_blocks=12\n",
+             peak_rss_bytes=1048576 load_memory=lean serve_memory=mapped mapped_blocks=12\n",
         )
         .unwrap();
         assert_eq!(
@@ -245,6 +248,7 @@ mod tests {
                 total_ms: Some(56.5),
                 shard_bytes: Some(4096),
                 load_memory: Some("lean".into()),
+                serve_memory: Some("mapped".into()),
                 ready_peak_rss_bytes: Some(1 << 20),
             })
         );
