@@ -1,5 +1,6 @@
-//! A function asked to load lean whose address-space limit leaves no room for the range it
-//! maps blocks in (`ulimit -v`) says so, loads fast, logs the mode it loaded in, and serves.
+//! A function asked to load lean and to serve with blocks mapped (the default) whose
+//! address-space limit leaves no room for the range it maps blocks in (`ulimit -v`) says
+//! so, loads fast, serves from the heap, and logs the modes it loaded and serves in.
 //! The limit is this test process's, inherited by the deployment it starts, so this binary
 //! holds this one test.
 
@@ -16,7 +17,7 @@ fn shardseal() -> &'static Path {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_lean_load_without_address_space_falls_back_to_fast_and_says_so() {
+async fn without_room_for_mapped_blocks_a_function_loads_fast_and_serves_from_the_heap() {
     // Room for every process of a deployment, not for a 64 GiB reservation.
     let limit = 16 << 30;
     setrlimit(Resource::RLIMIT_AS, limit, limit).unwrap();
@@ -37,11 +38,18 @@ async fn a_lean_load_without_address_space_falls_back_to_fast_and_says_so() {
         logs.contains("cannot reserve address space for a lean load; loading fast"),
         "{logs}"
     );
+    assert!(
+        logs.contains(
+            "cannot reserve address space to serve with blocks mapped; serving from the heap"
+        ),
+        "{logs}"
+    );
     let cold_start = logs
         .lines()
         .find(|l| l.contains(" cold start"))
         .unwrap_or_else(|| panic!("no cold start in:\n{logs}"));
     assert!(cold_start.contains("load_memory=fast"), "{cold_start}");
+    assert!(cold_start.contains("serve_memory=heap"), "{cold_start}");
     assert!(cold_start.contains("mapped_blocks=0"), "{cold_start}");
     cluster.stop().await;
 }
