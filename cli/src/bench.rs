@@ -1213,32 +1213,20 @@ fn print_run(r: &RunReport) {
          minus the function's own total; n/a = not logged by this function build; \
          a function without separate fetch and decrypt shows both under fetch)"
     );
-    let mut load_memory: Vec<&str> = r
-        .stage_cold_start
-        .iter()
-        .filter_map(|c| c.load_memory.as_deref())
-        .collect();
-    // Stages may differ (`auto` decides each by its size): each mode once.
-    load_memory.sort_unstable();
-    load_memory.dedup();
+    // Stages may differ (`auto` decides each load by the shard's size): each mode once.
+    let modes = |mode: fn(&StageColdStart) -> Option<&str>| {
+        let mut modes: Vec<&str> = r.stage_cold_start.iter().filter_map(mode).collect();
+        modes.sort_unstable();
+        modes.dedup();
+        modes.join(", ")
+    };
+    let load_memory = modes(|c| c.load_memory.as_deref());
     if !load_memory.is_empty() {
-        println!(
-            "functions loaded with --load-memory {}",
-            load_memory.join(", ")
-        );
+        println!("functions loaded with --load-memory {load_memory}");
     }
-    let mut serve_memory: Vec<&str> = r
-        .stage_cold_start
-        .iter()
-        .filter_map(|c| c.serve_memory.as_deref())
-        .collect();
-    serve_memory.sort_unstable();
-    serve_memory.dedup();
+    let serve_memory = modes(|c| c.serve_memory.as_deref());
     if !serve_memory.is_empty() {
-        println!(
-            "functions serve with --serve-memory {}",
-            serve_memory.join(", ")
-        );
+        println!("functions serve with --serve-memory {serve_memory}");
     }
     println!("max abs diff against plain tract: {:.3e}", r.max_abs_diff);
 }

@@ -5,36 +5,13 @@
 //! are still freed as mapped blocks afterwards. The switch is process-wide,
 //! so this binary holds this one test.
 
+mod common;
+
+use common::{MIB, filled, grow_into_a_mapped_block_and_back, holds_pattern, pattern, resident};
 use shardseal_function::WipeOnFree;
 
 #[global_allocator]
 static ALLOCATOR: WipeOnFree = WipeOnFree;
-
-const MIB: usize = 1 << 20;
-
-fn pattern(i: usize) -> u8 {
-    (i % 251) as u8
-}
-
-fn filled(len: usize) -> Vec<u8> {
-    (0..len).map(pattern).collect()
-}
-
-fn holds_pattern(bytes: &[u8]) -> bool {
-    bytes.iter().enumerate().all(|(i, b)| *b == pattern(i))
-}
-
-/// This process's resident memory (`VmRSS`), in bytes.
-fn resident() -> usize {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let kib: usize = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().strip_suffix("kB"))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap();
-    kib * 1024
-}
 
 #[test]
 fn large_blocks_are_mapped_while_on_and_handed_back_when_freed() {
@@ -68,17 +45,7 @@ fn large_blocks_are_mapped_while_on_and_handed_back_when_freed() {
     );
 
     // Growing from the heap into a mapped block and shrinking back keeps the contents.
-    let mut grown = filled(1000);
-    while grown.len() < 4 * MIB {
-        let n = grown.len();
-        grown.extend((n..2 * n).map(pattern));
-    }
-    assert!(WipeOnFree::is_mapped_block(grown.as_ptr()));
-    assert!(holds_pattern(&grown));
-    grown.truncate(100);
-    grown.shrink_to_fit();
-    assert!(!WipeOnFree::is_mapped_block(grown.as_ptr()));
-    assert!(holds_pattern(&grown));
+    grow_into_a_mapped_block_and_back(WipeOnFree::is_mapped_block);
 
     // An alignment beyond a page comes from the heap.
     #[repr(C, align(16384))]
