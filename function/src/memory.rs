@@ -26,9 +26,8 @@
 //! `StageService`). By default (`--serve-memory mapped`, [`ServeMemory::Mapped`]) each
 //! block of 256 KiB or more is mapped on its own while serving too; the first of them
 //! freed, up to 80 MiB ([`SERVING_KEPT_BYTES`]), are kept, wiped, for the next block of
-//! their size, and the rest handed back: a stage asks for the same sizes every request, so
-//! once warm nearly every large block is a kept one, and the peak stays near the live
-//! tensors plus that bound. `--serve-memory heap` ([`ServeMemory::Heap`]) draws them from
+//! their size, and the rest handed back: a stage asks for the same sizes every request,
+//! and the peak stays near the live tensors plus that bound. `--serve-memory heap` ([`ServeMemory::Heap`]) draws them from
 //! the one arena instead, which keeps freed blocks up to 64 MiB at the top of the heap
 //! (the trim threshold glibc itself moves to when its mapping threshold reaches 32 MiB);
 //! two inferences at once interleave their blocks there, and the heap grows far beyond
