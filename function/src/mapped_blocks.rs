@@ -146,20 +146,26 @@ impl Kept {
         block
     }
 
-    /// Keeps a block if it may. While a shard loads it always may, giving the oldest back
-    /// to the system while there is no room; while serving, only if there is room.
+    /// Whether a block of `len` bytes fits beside those kept.
+    fn has_room(&self, len: usize) -> bool {
+        !self.blocks.is_full() && self.bytes + len <= KEPT_LIMIT.load(Ordering::Relaxed)
+    }
+
+    /// Whether [`Kept::keep`] would keep a block of `len` bytes: while a shard loads,
+    /// always; while serving, if it fits.
+    fn may_keep(&self, len: usize) -> bool {
+        !SERVING.load(Ordering::Relaxed) || self.has_room(len)
+    }
+
+    /// Keeps a block if it may ([`Kept::may_keep`]), giving the oldest back to the system
+    /// while there is no room for it (which happens only while a shard loads).
     fn keep(&mut self, addr: usize, len: usize) -> bool {
-        let limit = KEPT_LIMIT.load(Ordering::Relaxed);
-        let no_room = |kept: &Self| kept.blocks.is_full() || kept.bytes + len > limit;
-        if SERVING.load(Ordering::Relaxed) {
-            if no_room(self) {
-                return false;
-            }
-        } else {
-            while no_room(self) {
-                let (old, old_len) = self.remove_oldest();
-                unmap(old, old_len);
-            }
+        if !self.may_keep(len) {
+            return false;
+        }
+        while !self.has_room(len) {
+            let (old, old_len) = self.remove_oldest();
+            unmap(old, old_len);
         }
         self.blocks.push(addr, len);
         self.bytes += len;
@@ -178,8 +184,7 @@ impl Kept {
     /// Gives every kept block back to the system.
     fn clear(&mut self) {
         while self.blocks.count > 0 {
-            let (addr, len) = self.blocks.remove(self.blocks.count - 1);
-            self.bytes -= len;
+            let (addr, len) = self.remove_oldest();
             unmap(addr, len);
         }
     }
@@ -340,7 +345,12 @@ pub(crate) fn reused_count() -> usize {
 pub(crate) unsafe fn release(ptr: *mut u8, size: usize) {
     let page = PAGE.load(Ordering::Relaxed);
     let len = size.next_multiple_of(page);
-    if MAPPING.load(Ordering::Acquire) && len <= KEPT_LIMIT.load(Ordering::Relaxed) {
+    // Asked first, so that a block serving cannot keep goes back without a wipe it does
+    // not need (its pages leave the process).
+    if MAPPING.load(Ordering::Acquire)
+        && len <= KEPT_LIMIT.load(Ordering::Relaxed)
+        && kept().may_keep(len)
+    {
         // SAFETY: the caller's block of `size` bytes, no longer used. Past `size` it is
         // still zero: fresh from the kernel, or wiped whole before it was kept.
         unsafe { std::ptr::write_bytes(ptr, 0, size) };

@@ -27,9 +27,10 @@
 //! block of 256 KiB or more is mapped on its own while serving too; the first of them
 //! freed, up to 80 MiB ([`SERVING_KEPT_BYTES`]), are kept, wiped, for the next block of
 //! their size, and the rest handed back: a stage asks for the same sizes every request,
-//! and the peak stays near the live tensors plus that bound. `--serve-memory heap` ([`ServeMemory::Heap`]) draws them from
-//! the one arena instead, which keeps freed blocks up to 64 MiB at the top of the heap
-//! (the trim threshold glibc itself moves to when its mapping threshold reaches 32 MiB);
+//! and the peak stays near the live tensors plus that bound. `--serve-memory heap`
+//! ([`ServeMemory::Heap`]) draws them from the one arena instead, which keeps freed blocks
+//! up to 64 MiB at the top of the heap (the trim threshold glibc itself moves to when its
+//! mapping threshold reaches 32 MiB);
 //! two inferences at once interleave their blocks there, and the heap grows far beyond
 //! what they hold live, by an amount that varies from run to run (ResNet-50: the whole
 //! model 43 to 102 MiB over its loaded size, the first stage of 2 71 to 151). Measured
@@ -189,10 +190,7 @@ pub const SERVING_KEPT_BYTES: usize = 80 << 20;
 /// mapped blocks cannot be reserved (under `ulimit -v`, say), which it logs.
 pub(crate) fn release_free_memory(serve: ServeMemory) -> ServeMemory {
     let serving = match serve {
-        ServeMemory::Heap => {
-            crate::WipeOnFree::stop_mapping_large_blocks();
-            ServeMemory::Heap
-        }
+        ServeMemory::Heap => ServeMemory::Heap,
         ServeMemory::Mapped => {
             match crate::WipeOnFree::serve_large_blocks_mapped(SERVING_KEPT_BYTES) {
                 Ok(()) => ServeMemory::Mapped,
@@ -201,12 +199,14 @@ pub(crate) fn release_free_memory(serve: ServeMemory) -> ServeMemory {
                         %error,
                         "cannot reserve address space to serve with blocks mapped; serving from the heap"
                     );
-                    crate::WipeOnFree::stop_mapping_large_blocks();
                     ServeMemory::Heap
                 }
             }
         }
     };
+    if serving == ServeMemory::Heap {
+        crate::WipeOnFree::stop_mapping_large_blocks();
+    }
     // SAFETY: malloc_trim only releases memory malloc holds free (no live block is
     // touched) and takes no pointer.
     #[allow(unsafe_code)]
