@@ -263,6 +263,7 @@ impl StageEngine {
         for spec in &self.inputs {
             values.push(to_tract(self.input(spec, available)?)?.into_tvalue());
         }
+        crate::sched::ask_for_long_slices();
         let results = self
             .plan
             .run(values)
@@ -316,6 +317,7 @@ impl StageEngine {
             }
             values.push(stacked.into_tvalue());
         }
+        crate::sched::ask_for_long_slices();
         let results = self
             .plan
             .run(values)

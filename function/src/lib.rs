@@ -25,6 +25,7 @@ mod lease;
 mod mapped_blocks;
 mod memory;
 mod onnx_decode;
+mod sched;
 mod service;
 mod wipe_alloc;
 
