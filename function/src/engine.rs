@@ -263,11 +263,11 @@ impl StageEngine {
         for spec in &self.inputs {
             values.push(to_tract(self.input(spec, available)?)?.into_tvalue());
         }
-        crate::sched::ask_for_long_slices();
-        let results = self
-            .plan
-            .run(values)
-            .map_err(|e| Error::Inference(format!("{e:#}")))?;
+        let results = {
+            let _slice = crate::sched::LongSlice::hold();
+            self.plan.run(values)
+        }
+        .map_err(|e| Error::Inference(format!("{e:#}")))?;
         results
             .iter()
             .zip(&self.outputs)
@@ -317,11 +317,11 @@ impl StageEngine {
             }
             values.push(stacked.into_tvalue());
         }
-        crate::sched::ask_for_long_slices();
-        let results = self
-            .plan
-            .run(values)
-            .map_err(|e| Error::Inference(format!("{e:#}")))?;
+        let results = {
+            let _slice = crate::sched::LongSlice::hold();
+            self.plan.run(values)
+        }
+        .map_err(|e| Error::Inference(format!("{e:#}")))?;
         let mut split: Vec<Vec<HostTensor>> = (0..rows)
             .map(|_| Vec::with_capacity(self.outputs.len()))
             .collect();
