@@ -40,7 +40,7 @@ const SCHED_ATTR_SIZE_VER0: u32 = 48;
 /// The calling thread's long slice while this lives (see the module documentation): asked
 /// for right before tract runs and given back right after, so that the thread wakes for its
 /// next job (opening a request, say) with the default slice and is not kept waiting behind
-/// the thread it woke on. Plain tract in `shardseal bench` holds one the same way.
+/// the thread that woke it. Plain tract in `shardseal bench` holds one the same way.
 pub(crate) struct LongSlice {
     held: bool,
 }
