@@ -236,10 +236,15 @@ pub(crate) fn reserve(bytes: usize) -> std::io::Result<()> {
 }
 
 /// Stops mapping new blocks and gives the kept ones back; the blocks in use stay until
-/// freed.
+/// freed. A stage that served with blocks mapped stops serving so: the ranges handed back
+/// are forgotten (they stay inaccessible, as nothing maps any more), and so are those of
+/// the blocks freed from now on.
 pub(crate) fn stop() {
     MAPPING.store(false, Ordering::Release);
-    kept().clear();
+    SERVING.store(false, Ordering::Relaxed);
+    let mut kept = kept();
+    kept.clear();
+    kept.idle.count = 0;
 }
 
 /// Serves with large blocks mapped from now on (reserving the range first if no lean
@@ -428,10 +433,7 @@ mod tests {
         let blocks: Vec<*mut u8> = (0..KEPT_BYTES / MIB + 8)
             .map(|_| map(MIB, 8).unwrap())
             .collect();
-        for &block in &blocks {
-            // SAFETY: each from `map` with this size, no longer used.
-            unsafe { release(block, MIB) };
-        }
+        release_all(&blocks);
         {
             let kept = kept();
             assert_eq!(kept.bytes, KEPT_BYTES);
@@ -464,12 +466,7 @@ mod tests {
             // SAFETY: the block is ours and `MIB` bytes long.
             unsafe { std::ptr::write_bytes(block, 0xcd, MIB) };
         }
-        // SAFETY: each from `map` with this size, no longer used.
-        unsafe {
-            for &block in &blocks {
-                release(block, MIB);
-            }
-        }
+        release_all(&blocks);
         let addrs = |ranges: &Ranges| -> Vec<usize> {
             ranges.ranges[..ranges.count].iter().map(|r| r.0).collect()
         };
@@ -499,7 +496,34 @@ mod tests {
                 "kept wiped, idle fresh"
             );
         }
+        {
+            let kept = kept();
+            assert_eq!((kept.blocks.count, kept.bytes, kept.idle.count), (0, 0, 0));
+        }
+
+        // Stopping while serving: the kept blocks go back, the remembered ranges are
+        // forgotten, and blocks freed later are neither kept nor remembered.
+        release_all(&again[..5]);
+        {
+            let kept = kept();
+            assert_eq!((kept.blocks.count, kept.idle.count), (4, 1));
+        }
+        stop();
+        {
+            let kept = kept();
+            assert_eq!((kept.blocks.count, kept.idle.count), (0, 0), "at the stop");
+        }
+        release_all(&again[5..]);
         let kept = kept();
-        assert_eq!((kept.blocks.count, kept.bytes, kept.idle.count), (0, 0, 0));
+        assert_eq!((kept.blocks.count, kept.idle.count), (0, 0), "after it");
+    }
+
+    /// Releases blocks `map` gave for `MIB` bytes, no longer used.
+    #[allow(unsafe_code)]
+    fn release_all(blocks: &[*mut u8]) {
+        for &block in blocks {
+            // SAFETY: each from `map` with this size, no longer used.
+            unsafe { release(block, MIB) };
+        }
     }
 }
