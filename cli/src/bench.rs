@@ -753,8 +753,7 @@ async fn measure(
     for r in 0..args.warmup + args.requests {
         let input = inputs[r % inputs.len()].clone();
         // On a thread of its own, as a function runs it: the runtime's threads carry the
-        // client's requests, and a thread that ran tract keeps the long time slice it asked
-        // for (see `StageEngine::run`).
+        // client's requests, which an inference on one of them would hold up.
         let (expected, plain_elapsed) = {
             let (plain, input) = (Arc::clone(plain), input.clone());
             tokio::task::spawn_blocking(move || {
