@@ -174,7 +174,7 @@ async fn serve(args: FunctionArgs, load_memory: LoadMemory) -> Result<(), Error>
         fetch_decrypt_ms = t.fetch_decrypt_ms,
         load_ms = t.load_ms, optimize_ms = t.optimize_ms, total_ms = t.total_ms,
         shard_bytes = t.shard_bytes, peak_rss_bytes = t.peak_rss_bytes,
-        load_memory = %t.load_memory.as_str(), serve_memory = %t.serve_memory.as_str(),
+        load_memory = %t.load_memory, serve_memory = %t.serve_memory,
         mapped_blocks = crate::WipeOnFree::mapped_block_count(),
         reused_blocks = crate::WipeOnFree::reused_block_count(),
         "cold start"

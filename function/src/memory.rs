@@ -88,14 +88,10 @@ pub enum LoadMemory {
     Lean,
 }
 
-impl LoadMemory {
-    /// The name `--load-memory` takes, as logged.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Auto => "auto",
-            Self::Fast => "fast",
-            Self::Lean => "lean",
-        }
+/// Shows the name `--load-memory` takes, as logged.
+impl std::fmt::Display for LoadMemory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write_value_name(self, f)
     }
 }
 
@@ -167,13 +163,21 @@ pub enum ServeMemory {
     Heap,
 }
 
-impl ServeMemory {
-    /// The name `--serve-memory` takes, as logged.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Mapped => "mapped",
-            Self::Heap => "heap",
-        }
+/// Shows the name `--serve-memory` takes, as logged.
+impl std::fmt::Display for ServeMemory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write_value_name(self, f)
+    }
+}
+
+/// Writes the name clap gives `value` on the command line, so logs and flags agree.
+fn write_value_name(
+    value: &impl clap::ValueEnum,
+    f: &mut std::fmt::Formatter<'_>,
+) -> std::fmt::Result {
+    match value.to_possible_value() {
+        Some(name) => f.write_str(name.get_name()),
+        None => Ok(()),
     }
 }
 
@@ -259,6 +263,20 @@ mod tests {
             assert_eq!(choose(Fast, size), Fast);
             assert_eq!(choose(Lean, size), Lean);
         }
+    }
+
+    #[test]
+    fn modes_are_logged_by_the_names_their_flags_take() {
+        use clap::ValueEnum;
+        for mode in LoadMemory::value_variants() {
+            assert_eq!(LoadMemory::from_str(&mode.to_string(), false), Ok(*mode));
+        }
+        for mode in ServeMemory::value_variants() {
+            assert_eq!(ServeMemory::from_str(&mode.to_string(), false), Ok(*mode));
+        }
+        // `shardseal bench` reads these from the functions' logs.
+        assert_eq!(LoadMemory::Lean.to_string(), "lean");
+        assert_eq!(ServeMemory::Mapped.to_string(), "mapped");
     }
 
     #[test]
