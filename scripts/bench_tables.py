@@ -45,17 +45,24 @@ def main():
     if any("cpu_ms_per_request" in r for r in runs):
         print()
         print("| model | stages | plain CPU ms/req | sealed CPU ms/req | client | coordinator "
-              "| functions (per stage) | stages' own run ms (latency runs) |")
-        print("|---|---|---|---|---|---|---|---|")
+              "| functions (per stage) | stages' own run ms (latency runs) "
+              "| cores busy, plain at its best / sealed |")
+        print("|---|---|---|---|---|---|---|---|---|")
         for r in runs:
             c = r.get("cpu_ms_per_request")
             if not c:
                 continue
             stages = ", ".join(fmt(x, 1) for x in c["stages"])
             runs_ms = sum(s["run_ms"] for s in r["stage_ms_p50"])
+            busy = r.get("cores_busy")
+            if busy:
+                plain_busy = dict(busy["plain_by_parallelism"]).get(r["plain_best_parallelism"])
+                busy = f"{fmt(plain_busy, 2)} / {fmt(busy['sealed'], 2)}"
+            else:
+                busy = "n/a"
             print(f"| {r['model']} | {r['stages']} | {fmt(c['plain'], 1)} | {fmt(c['sealed'], 1)} "
                   f"| {fmt(c['client'], 2)} | {fmt(c['coordinator'], 2)} | {stages} "
-                  f"| {fmt(runs_ms, 1)} |")
+                  f"| {fmt(runs_ms, 1)} | {busy} |")
     if any(r.get("max_batch", 1) > 1 for r in runs):
         print()
         print("| model | stages | max batch | requests per run | sealed rps @C | thr. ratio "

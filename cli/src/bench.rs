@@ -168,6 +168,8 @@ struct RunReport {
     stage_ms_p50: Vec<StageMs>,
     /// CPU (user + system) per request in the throughput runs, by process.
     cpu_ms_per_request: CpuPerRequest,
+    /// How many cores each side kept busy in the throughput runs.
+    cores_busy: CoresBusy,
     max_abs_diff: f64,
     param_bytes: u64,
     /// Plain tract at batch 1 against a larger batch, on the whole model (none when
@@ -243,6 +245,17 @@ struct CpuPerRequest {
     stages: Vec<f64>,
 }
 
+/// CPU seconds over wall-clock seconds in the throughput runs: how much of the machine each
+/// side kept busy. With [`CpuPerRequest`] it splits a throughput ratio into CPU spent per
+/// request and cores left idle.
+#[derive(Debug, Serialize)]
+struct CoresBusy {
+    /// Plain tract (this process) at each parallelism tried.
+    plain_by_parallelism: Vec<(usize, f64)>,
+    /// The sealed pipeline: client, coordinator and functions together.
+    sealed: f64,
+}
+
 /// The processes of a deployment the benchmark watches.
 struct Processes<'a> {
     /// One replica per stage, in stage order.
@@ -293,12 +306,17 @@ impl CpuSample {
         }
     }
 
+    /// Every process together.
+    fn total(&self) -> f64 {
+        self.client + self.coordinator + self.stages.iter().sum::<f64>()
+    }
+
     fn per_request_ms(&self, plain: f64, requests: usize) -> CpuPerRequest {
         let ms = |seconds: f64| seconds * 1e3 / requests as f64;
         let stages: Vec<f64> = self.stages.iter().map(|&s| ms(s)).collect();
         CpuPerRequest {
             plain,
-            sealed: ms(self.client) + ms(self.coordinator) + stages.iter().sum::<f64>(),
+            sealed: ms(self.total()),
             client: ms(self.client),
             coordinator: ms(self.coordinator),
             stages,
@@ -799,7 +817,7 @@ async fn measure(
     let rounds = THROUGHPUT_ROUNDS.min(args.requests);
     let mut plain_seconds = vec![0.0; parallelisms.len()];
     let mut sealed_seconds = 0.0;
-    let mut plain_cpu = 0.0;
+    let mut plain_cpu = vec![0.0; parallelisms.len()];
     let mut sealed_cpu = CpuSample::default();
     let mut loaded_ms = Vec::new();
     let mut done = 0;
@@ -815,7 +833,7 @@ async fn measure(
         for (k, &p) in parallelisms.iter().enumerate() {
             let before = own_cpu_seconds().unwrap_or(f64::NAN);
             plain_seconds[k] += n as f64 / plain_throughput(plain.clone(), &inputs, n, p).await?;
-            plain_cpu += own_cpu_seconds().unwrap_or(f64::NAN) - before;
+            plain_cpu[k] += own_cpu_seconds().unwrap_or(f64::NAN) - before;
         }
         let before = processes.cpu();
         let (rps, latencies) =
@@ -825,9 +843,17 @@ async fn measure(
         sealed_seconds += n as f64 / rps;
     }
     let cpu_ms_per_request = sealed_cpu.per_request_ms(
-        plain_cpu * 1e3 / (args.requests * parallelisms.len()) as f64,
+        plain_cpu.iter().sum::<f64>() * 1e3 / (args.requests * parallelisms.len()) as f64,
         args.requests,
     );
+    let cores_busy = CoresBusy {
+        plain_by_parallelism: parallelisms
+            .iter()
+            .zip(plain_cpu.iter().zip(&plain_seconds))
+            .map(|(&p, (cpu, seconds))| (p, cpu / seconds))
+            .collect(),
+        sealed: sealed_cpu.total() / sealed_seconds,
+    };
     let plain_rps_by_parallelism: Vec<(usize, f64)> = parallelisms
         .iter()
         .zip(&plain_seconds)
@@ -969,6 +995,7 @@ async fn measure(
         stage_shard_mb: v.shard_bytes.iter().map(|&b| b as f64 / MIB).collect(),
         cut_bytes_per_request,
         cpu_ms_per_request,
+        cores_busy,
         stage_ms_p50: stage_timings
             .into_iter()
             .enumerate()
@@ -1147,6 +1174,17 @@ fn print_run(r: &RunReport) {
         c.client,
         c.coordinator,
         stages.join(", ")
+    );
+    let busy: Vec<String> = r
+        .cores_busy
+        .plain_by_parallelism
+        .iter()
+        .map(|(p, busy)| format!("{p}: {busy:.2}"))
+        .collect();
+    println!(
+        "cores busy plain (by parallelism) {} | sealed {:.2}",
+        busy.join(", "),
+        r.cores_busy.sealed
     );
     println!(
         "cold start slowest {:.1} ms (max ratio to a plain load of the same shard {:.3} in this \

@@ -237,6 +237,32 @@ fn assert_cpu_per_request(report: &Value, stages: usize) {
     let sealed = number(cpu, "sealed");
     assert!((sealed - sum).abs() <= 1e-9 * sum.max(1.0), "{cpu}");
     assert!(number(cpu, "plain") >= 0.0, "{cpu}");
+
+    // Cores kept busy: CPU over wall-clock time, for each plain parallelism tried and for
+    // the sealed pipeline, whose figure is its CPU per request times its requests per second.
+    let busy = &report["cores_busy"];
+    let parallelisms = |field: &Value| -> Vec<u64> {
+        field
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|pair| pair[0].as_u64().unwrap())
+            .collect()
+    };
+    assert_eq!(
+        parallelisms(&busy["plain_by_parallelism"]),
+        parallelisms(&report["plain_rps_by_parallelism"])
+    );
+    for pair in busy["plain_by_parallelism"].as_array().unwrap() {
+        let cores = pair[1].as_f64().unwrap();
+        assert!(cores.is_finite() && cores >= 0.0, "{busy}");
+    }
+    let sealed_busy = number(busy, "sealed");
+    let expected = sealed * number(report, "sealed_rps") / 1e3;
+    assert!(
+        (sealed_busy - expected).abs() <= 1e-9 * expected.max(1.0),
+        "{busy} against {expected}"
+    );
 }
 
 #[test]
