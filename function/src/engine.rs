@@ -263,16 +263,20 @@ impl StageEngine {
         for spec in &self.inputs {
             values.push(to_tract(self.input(spec, available)?)?.into_tvalue());
         }
-        let results = {
-            let _slice = crate::sched::LongSlice::hold();
-            self.plan.run(values)
-        }
-        .map_err(|e| Error::Inference(format!("{e:#}")))?;
+        let results = self.run_plan(values)?;
         results
             .iter()
             .zip(&self.outputs)
             .map(|(value, name)| from_tract(name, value))
             .collect()
+    }
+
+    /// Runs the optimised plan on `values`, holding a long time slice while tract runs.
+    fn run_plan(&self, values: TVec<TValue>) -> Result<TVec<TValue>, Error> {
+        let _slice = crate::sched::LongSlice::hold();
+        self.plan
+            .run(values)
+            .map_err(|e| Error::Inference(format!("{e:#}")))
     }
 
     /// Checks that `available` holds every tensor the shard declares, of its type and
@@ -317,11 +321,7 @@ impl StageEngine {
             }
             values.push(stacked.into_tvalue());
         }
-        let results = {
-            let _slice = crate::sched::LongSlice::hold();
-            self.plan.run(values)
-        }
-        .map_err(|e| Error::Inference(format!("{e:#}")))?;
+        let results = self.run_plan(values)?;
         let mut split: Vec<Vec<HostTensor>> = (0..rows)
             .map(|_| Vec::with_capacity(self.outputs.len()))
             .collect();
