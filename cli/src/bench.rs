@@ -772,12 +772,12 @@ async fn measure(
         let input = inputs[r % inputs.len()].clone();
         // On a thread of its own, as a function runs it: the runtime's threads carry the
         // client's requests, which an inference on one of them would hold up.
-        let (expected, plain_elapsed) = {
-            let (plain, input) = (Arc::clone(plain), input.clone());
+        let (expected, plain_elapsed, input) = {
+            let plain = Arc::clone(plain);
             tokio::task::spawn_blocking(move || {
                 let t = Instant::now();
                 let expected = plain.run(&input);
-                (expected, ms_since(t))
+                (expected, ms_since(t), input)
             })
             .await?
         };
