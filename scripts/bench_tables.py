@@ -94,8 +94,8 @@ def main():
     print("| model | stage | ready | process | connect | attest | fetch | decrypt | fetch+decrypt | load "
           "| optimise | plain parse | plain optimise | plain load | ready / plain "
           "| plain load, fresh process | ready / fresh | shard MiB "
-          "| peak RSS MiB | RSS limit 1.5 x shard + 64 |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| peak RSS MiB | of it file-backed | RSS limit 1.5 x shard + 64 |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in runs:
         for c in r["stage_cold_start"]:
             i = c["stage"]
@@ -109,7 +109,9 @@ def main():
                   f"| {fmt(c['plain_optimize_ms'])} | {fmt(c['plain_load_ms'])} "
                   f"| {fmt(c['ratio'], 2)} | {fmt(c.get('plain_fresh_process_ms'))} "
                   f"| {fmt(c.get('fresh_ratio'), 2)} | {fmt(shard)} "
-                  f"| {fmt(r['stage_peak_rss_mb'][i])} | {fmt(1.5 * shard + 64)} |")
+                  f"| {fmt(r['stage_peak_rss_mb'][i])} "
+                  f"| {fmt(r.get('stage_rss_file_mb', [None] * (i + 1))[i])} "
+                  f"| {fmt(1.5 * shard + 64)} |")
     probes = {r["model"].rsplit("-s", 1)[0]: r.get("batch_probe") for r in runs}
     if any(probes.values()):
         print()

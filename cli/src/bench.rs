@@ -43,8 +43,8 @@ use crate::provision::{ProvisionRequest, provision};
 use crate::stack::{Layout, Stack};
 
 use observe::{
-    ReplicaReady, cpu_seconds, function_cold_start, own_cpu_seconds, peak_rss_bytes,
-    processed_batches,
+    ReplicaReady, cpu_seconds, file_rss_bytes, function_cold_start, own_cpu_seconds,
+    peak_rss_bytes, processed_batches,
 };
 use plain_tract::{BatchProbe, LoadPhases, batch_probe, fresh_process_load_ms, load_phases};
 pub(crate) use plain_tract::{PlainLoadArgs, plain_load_command};
@@ -161,6 +161,10 @@ struct RunReport {
     /// fetch-and-decrypt time.
     function_fetch_decrypt_gbps: f64,
     stage_peak_rss_mb: Vec<f64>,
+    /// The file-backed part of each stage's resident set at the run's end (`RssFile`): the
+    /// executable's and the libraries' pages the function has mapped, which every process
+    /// running the same files shares. It counts in `stage_peak_rss_mb`.
+    stage_rss_file_mb: Vec<f64>,
     stage_shard_mb: Vec<f64>,
     /// Activation bytes crossing the cuts between functions, per request (plaintext
     /// tensor bytes; sealing adds a fixed few dozen bytes per hop).
@@ -875,6 +879,7 @@ async fn measure(
         );
     }
     let mut stage_peak_rss_mb = vec![f64::NAN; v.stages];
+    let mut stage_rss_file_mb = vec![f64::NAN; v.stages];
     let mut stage_cold_start = Vec::new();
     let mut fetch_bytes = 0u64;
     let mut fetch_ms = 0.0;
@@ -883,6 +888,9 @@ async fn measure(
     for r in replicas {
         let i = r.stage as usize;
         if let (Some(slot), Some(rss)) = (stage_peak_rss_mb.get_mut(i), peak_rss_bytes(r.pid)) {
+            *slot = rss as f64 / MIB;
+        }
+        if let (Some(slot), Some(rss)) = (stage_rss_file_mb.get_mut(i), file_rss_bytes(r.pid)) {
             *slot = rss as f64 / MIB;
         }
         let logged = function_cold_start(&processes.function_log(r)).unwrap_or_default();
@@ -992,6 +1000,7 @@ async fn measure(
         function_decrypt_gbps: gbps(decrypt_bytes, decrypt_ms),
         function_fetch_decrypt_gbps: gbps(fetch_bytes, fetch_ms),
         stage_peak_rss_mb,
+        stage_rss_file_mb,
         stage_shard_mb: v.shard_bytes.iter().map(|&b| b as f64 / MIB).collect(),
         cut_bytes_per_request,
         cpu_ms_per_request,
@@ -1205,7 +1214,7 @@ fn print_run(r: &RunReport) {
         opt(finite(r.function_fetch_decrypt_gbps), 2)
     );
     println!(
-        "{:>5} | {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} | {:>8} {:>8} {:>8} {:>6} | {:>8} {:>6} | {:>8} {:>8} | {:>7} {:>7} {:>7}",
+        "{:>5} | {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} | {:>8} {:>8} {:>8} {:>6} | {:>8} {:>6} | {:>8} {:>8} {:>8} | {:>7} {:>7} {:>7}",
         "stage",
         "ready",
         "process",
@@ -1222,6 +1231,7 @@ fn print_run(r: &RunReport) {
         "ratio",
         "shard MB",
         "peak RSS",
+        "of it file",
         "open",
         "run",
         "seal"
@@ -1233,7 +1243,7 @@ fn print_run(r: &RunReport) {
             .fetch_ms
             .or(c.fetch_decrypt_ms.filter(|_| c.decrypt_ms.is_none()));
         println!(
-            "{:>5} | {:>8.1} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} | {:>8.1} {:>8.1} {:>8.1} {:>6.2} | {:>8.1} {:>6.2} | {:>8.1} {:>8.1} | {:>7.2} {:>7.2} {:>7.2}",
+            "{:>5} | {:>8.1} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} | {:>8.1} {:>8.1} {:>8.1} {:>6.2} | {:>8.1} {:>6.2} | {:>8.1} {:>8.1} {:>8.1} | {:>7.2} {:>7.2} {:>7.2}",
             c.stage,
             c.spawn_to_ready_ms,
             opt(c.process_start_ms, 1),
@@ -1250,6 +1260,7 @@ fn print_run(r: &RunReport) {
             c.fresh_ratio,
             r.stage_shard_mb.get(i).copied().unwrap_or(f64::NAN),
             r.stage_peak_rss_mb.get(i).copied().unwrap_or(f64::NAN),
+            r.stage_rss_file_mb.get(i).copied().unwrap_or(f64::NAN),
             t.map_or(f64::NAN, |t| t.open_ms),
             t.map_or(f64::NAN, |t| t.run_ms),
             t.map_or(f64::NAN, |t| t.seal_ms),
@@ -1258,7 +1269,8 @@ fn print_run(r: &RunReport) {
     println!(
         "(cold start in ms: ready = spawn to ready as the coordinator saw it; process = ready \
          minus the function's own total; n/a = not logged by this function build; \
-         a function without separate fetch and decrypt shows both under fetch)"
+         a function without separate fetch and decrypt shows both under fetch; of it file = \
+         the peak RSS's file-backed part, the executable's pages every function shares)"
     );
     // Stages may differ (`auto` decides each load by the shard's size): each mode once.
     let modes = |mode: fn(&StageColdStart) -> Option<&str>| {

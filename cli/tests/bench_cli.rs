@@ -204,6 +204,13 @@ fn bench_json_reports_every_field_for_each_stage_count() {
         let shard = numbers(report, "stage_shard_mb");
         assert_eq!((rss.len(), shard.len()), (stages, stages));
         assert!(rss.iter().all(|&mb| mb > 1.0), "peak RSS {rss:?}");
+        // Each function runs from the mapped executable: part of its peak, not all of it.
+        let file = numbers(report, "stage_rss_file_mb");
+        assert_eq!(file.len(), stages);
+        assert!(
+            file.iter().zip(&rss).all(|(&f, &peak)| f > 0.0 && f < peak),
+            "file-backed {file:?} of peaks {rss:?}"
+        );
         // The whole MLP's weights (11,082 f32, 43 KiB) are split, not copied, across stages.
         let total: f64 = shard.iter().sum();
         assert!(total > 0.035 && total < 0.08, "shards total {total} MiB");

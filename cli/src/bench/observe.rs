@@ -144,8 +144,20 @@ pub(super) fn mean_batch(batches: &[f64]) -> Option<f64> {
 
 /// The peak resident set of a live process (`VmHWM`), in bytes.
 pub(super) fn peak_rss_bytes(pid: u32) -> Option<u64> {
+    status_bytes(pid, "VmHWM:")
+}
+
+/// The file-backed part of a live process's resident set now (`RssFile`), in bytes: the
+/// pages of its executable and libraries it has mapped, which every process mapping the
+/// same files shares.
+pub(super) fn file_rss_bytes(pid: u32) -> Option<u64> {
+    status_bytes(pid, "RssFile:")
+}
+
+/// A `kB` figure of a live process's `/proc/PID/status`, in bytes.
+fn status_bytes(pid: u32, field: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
 }
@@ -318,7 +330,14 @@ mod tests {
 
     #[test]
     fn reads_this_process() {
-        assert!(peak_rss_bytes(std::process::id()).unwrap() > 1 << 20);
+        let peak = peak_rss_bytes(std::process::id()).unwrap();
+        assert!(peak > 1 << 20);
+        // This test's own executable is mapped and has run; it is part of the peak.
+        let file = file_rss_bytes(std::process::id()).unwrap();
+        assert!(
+            file > 0 && file <= peak,
+            "file-backed {file} of a peak of {peak}"
+        );
         assert!(own_cpu_seconds().unwrap() >= 0.0);
     }
 }
