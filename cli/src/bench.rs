@@ -21,7 +21,7 @@
 mod observe;
 mod plain_tract;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
@@ -106,6 +106,12 @@ pub(crate) struct BenchArgs {
     /// Keep the state folder (logs included) here instead of a temporary one.
     #[arg(long)]
     state: Option<PathBuf>,
+    /// Run the functions as PROGRAM [ARGS]... instead of this executable's `function`
+    /// subcommand, as `shardseal up --function-command` does: for example the standalone
+    /// `target/release/shardseal-function` that cluster images run. Give it last: it takes
+    /// every argument after it.
+    #[arg(long, num_args = 1.., value_name = "PROGRAM [ARGS]")]
+    function_command: Vec<String>,
 }
 
 /// One stage count's figures. Durations in milliseconds, sizes in MiB (2^20 bytes).
@@ -113,6 +119,9 @@ pub(crate) struct BenchArgs {
 struct RunReport {
     model: String,
     stages: usize,
+    /// The program (and its leading arguments) the functions ran as, from
+    /// `--function-command`; empty when they ran as this executable's `function` subcommand.
+    function_command: Vec<String>,
     /// The most requests a stage ran as one batch (1: batching off).
     max_batch: u16,
     /// Requests per run, on average, in the sealed throughput runs' functions (1 when
@@ -381,6 +390,10 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
 }
 
 async fn bench(args: &BenchArgs) -> anyhow::Result<()> {
+    if let Some(program) = args.function_command.first() {
+        // Refused now rather than once the model is loaded and provisioned.
+        std::fs::metadata(program).with_context(|| format!("the function program {program}"))?;
+    }
     let (model_bytes, base_id) = match (&args.model, args.routing) {
         (None, true) => (
             shardseal_testkit::models::mlp(&Default::default()),
@@ -447,7 +460,8 @@ async fn bench(args: &BenchArgs) -> anyhow::Result<()> {
     }
 
     progress("starting the quoting agent, the key broker and the coordinator");
-    let mut stack = Stack::start(&state, &[owner.verifying_key()], None, None).await?;
+    let function_program = args.function_command.first().map(Path::new);
+    let mut stack = Stack::start(&state, &[owner.verifying_key()], None, function_program).await?;
     // No replica until a variant's first request, then one per stage for the whole run:
     // see the module doc.
     stack.add_coordinator_args(
@@ -468,6 +482,9 @@ async fn bench(args: &BenchArgs) -> anyhow::Result<()> {
         ]);
     }
     let result = async {
+        if !args.function_command.is_empty() {
+            stack.use_function_command(args.function_command.clone())?;
+        }
         let mut deployments = Vec::new();
         for v in &variants {
             let out = variant_dir(&layout, &v.id);
@@ -973,6 +990,7 @@ async fn measure(
     Ok(RunReport {
         model: v.id.to_string(),
         stages: v.stages,
+        function_command: args.function_command.clone(),
         max_batch: v.max_batch,
         mean_batch,
         sealed_loaded_ms_p50: percentile(&mut loaded_ms, 0.5),
@@ -1286,6 +1304,9 @@ fn print_run(r: &RunReport) {
     let serve_memory = modes(|c| c.serve_memory.as_deref());
     if !serve_memory.is_empty() {
         println!("functions serve with --serve-memory {serve_memory}");
+    }
+    if !r.function_command.is_empty() {
+        println!("functions ran as {}", r.function_command.join(" "));
     }
     println!("max abs diff against plain tract: {:.3e}", r.max_abs_diff);
 }

@@ -18,10 +18,10 @@ fn bench(args: &[&str]) -> Vec<Value> {
 
 /// As [`bench`], with what it said on stderr as it went.
 fn bench_with_progress(args: &[&str]) -> (Vec<Value>, String) {
+    // `--json` first: `--function-command` takes every argument after it.
     let output = Command::new(shardseal())
-        .arg("bench")
+        .args(["bench", "--json"])
         .args(args)
-        .arg("--json")
         .env_remove(shardseal_function::LOAD_MEMORY_ENV)
         .env_remove(shardseal_function::SERVE_MEMORY_ENV)
         .output()
@@ -351,6 +351,83 @@ fn routing_mode_reports_coordinator_cost_per_request() {
         per_core.is_null() || per_core.as_f64().is_some_and(|v| v > 0.0),
         "{per_core}"
     );
+}
+
+/// With `--function-command`, the functions run as the program given: here the standalone
+/// `shardseal-function` (built beside `shardseal` by `cargo test --workspace`), which cluster
+/// images run. The quoting agent hashes each function's own executable and the bench allows
+/// only the given program's hash, so no key reaches a function that runs as anything else.
+#[test]
+fn bench_runs_the_functions_as_the_program_it_is_given() {
+    let standalone = shardseal().with_file_name("shardseal-function");
+    assert!(
+        standalone.exists(),
+        "{} not found: run `cargo test --workspace` or `cargo build -p shardseal-function`",
+        standalone.display()
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny.onnx");
+    std::fs::write(&model, models::mlp(&Default::default())).unwrap();
+    let state = dir.path().join("state");
+    let reports = bench(&[
+        "--model",
+        model.to_str().unwrap(),
+        "--stages",
+        "2",
+        "--requests",
+        "2",
+        "--warmup",
+        "1",
+        "--plain-parallelism",
+        "1",
+        "--batch-probe",
+        "0",
+        "--state",
+        state.to_str().unwrap(),
+        "--function-command",
+        standalone.to_str().unwrap(),
+    ]);
+    assert_eq!(reports.len(), 1);
+    let report = &reports[0];
+    assert_eq!(
+        report["function_command"],
+        serde_json::json!([standalone.to_str().unwrap()])
+    );
+    let diff = number(report, "max_abs_diff");
+    assert!(diff <= 1e-5, "sealed differs from plain by {diff}");
+    // The measurement the bench allowed and the client pinned: the standalone's, not this
+    // command's.
+    let trust: Value =
+        serde_json::from_slice(&std::fs::read(state.join("trust.json")).unwrap()).unwrap();
+    let sha256 = |path: &Path| {
+        hex::encode(ring::digest::digest(
+            &ring::digest::SHA256,
+            &std::fs::read(path).unwrap(),
+        ))
+    };
+    let allowed = trust["measurements"].to_string();
+    assert!(allowed.contains(&sha256(&standalone)), "{allowed}");
+    assert!(!allowed.contains(&sha256(shardseal())), "{allowed}");
+}
+
+#[test]
+fn bench_refuses_a_missing_function_program_with_a_one_line_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny.onnx");
+    std::fs::write(&model, models::mlp(&Default::default())).unwrap();
+    let output = Command::new(shardseal())
+        .args(["bench", "--json", "--model", model.to_str().unwrap()])
+        .args(["--function-command", "/nonexistent/shardseal-function"])
+        .output()
+        .expect("running shardseal bench");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("/nonexistent/shardseal-function"),
+        "the error names the program: {stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(output.stdout.is_empty(), "no JSON on failure");
 }
 
 #[test]
