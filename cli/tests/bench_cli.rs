@@ -415,33 +415,35 @@ fn bench_refuses_a_missing_function_program_with_a_one_line_error() {
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("tiny.onnx");
     std::fs::write(&model, models::mlp(&Default::default())).unwrap();
-    let output = Command::new(shardseal())
-        .args(["bench", "--json", "--model", model.to_str().unwrap()])
-        .args(["--function-command", "/nonexistent/shardseal-function"])
-        .output()
-        .expect("running shardseal bench");
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        stderr.contains("/nonexistent/shardseal-function"),
-        "the error names the program: {stderr}"
-    );
-    assert!(!stderr.contains("panicked"), "{stderr}");
-    assert!(output.stdout.is_empty(), "no JSON on failure");
+    let program = "/nonexistent/shardseal-function";
+    let args = [
+        "--model",
+        model.to_str().unwrap(),
+        "--function-command",
+        program,
+    ];
+    assert_refused(&args, program);
 }
 
 #[test]
 fn bench_refuses_a_missing_model_with_a_one_line_error() {
+    assert_refused(
+        &["--model", "/nonexistent/model.onnx"],
+        "/nonexistent/model.onnx",
+    );
+}
+
+/// `shardseal bench --json ARGS` fails with an error that names `named`, without a panic
+/// and without any JSON.
+fn assert_refused(args: &[&str], named: &str) {
     let output = Command::new(shardseal())
-        .args(["bench", "--model", "/nonexistent/model.onnx", "--json"])
+        .args(["bench", "--json"])
+        .args(args)
         .output()
         .expect("running shardseal bench");
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        stderr.contains("/nonexistent/model.onnx"),
-        "the error names the file: {stderr}"
-    );
+    assert!(stderr.contains(named), "the error names {named}: {stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert!(output.stdout.is_empty(), "no JSON on failure");
 }
