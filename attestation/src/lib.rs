@@ -99,6 +99,7 @@ pub use policy::{ReleasePolicy, StageRule, TrustedRoots};
 pub use software::{
     AgentSocket, DEFAULT_AGENT_MAX_CONNECTIONS, DEFAULT_AGENT_REQUEST_TIMEOUT,
     InvalidPlatformPublicKey, KeyOrigin, PlatformKey, PlatformPublicKey, QUOTE_REQUEST_TIMEOUT,
-    QuotingAgent, SoftwareTeeVerifier, bind_agent_socket, public_key_path, request_quote,
+    QuotingAgent, SoftwareTeeVerifier, bind_agent_socket, measure_executable, public_key_path,
+    request_quote,
 };
 pub use verifier::Verifier;

@@ -285,26 +285,10 @@ impl Stack {
     }
 }
 
-/// SHA-256 of a file, as the quoting agent measures an executable: streamed, since a debug
-/// build of this executable is hundreds of megabytes.
+/// The measurement of the executable at `path`, as the quoting agent takes it.
 fn measure_file(path: &Path) -> anyhow::Result<Measurement> {
-    use std::io::Read;
-    let mut file =
-        std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
-    let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
-    let mut buffer = vec![0u8; 1 << 20];
-    loop {
-        let n = file
-            .read(&mut buffer)
-            .with_context(|| format!("reading {}", path.display()))?;
-        if n == 0 {
-            break;
-        }
-        digest.update(&buffer[..n]);
-    }
-    let mut out = [0u8; 32];
-    out.copy_from_slice(digest.finish().as_ref());
-    Ok(Measurement(out))
+    shardseal_attestation::measure_executable(path)
+        .with_context(|| format!("reading {}", path.display()))
 }
 
 fn read_verifying_key(path: &Path) -> anyhow::Result<VerifyingKey> {

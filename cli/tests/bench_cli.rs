@@ -400,10 +400,9 @@ fn bench_runs_the_functions_as_the_program_it_is_given() {
     let trust: Value =
         serde_json::from_slice(&std::fs::read(state.join("trust.json")).unwrap()).unwrap();
     let sha256 = |path: &Path| {
-        hex::encode(ring::digest::digest(
-            &ring::digest::SHA256,
-            &std::fs::read(path).unwrap(),
-        ))
+        shardseal_attestation::measure_executable(path)
+            .unwrap()
+            .to_hex()
     };
     let allowed = trust["measurements"].to_string();
     assert!(allowed.contains(&sha256(&standalone)), "{allowed}");

@@ -18,8 +18,7 @@ fn shardseal() -> &'static Path {
 }
 
 fn sha256(path: &Path) -> Measurement {
-    let digest = ring::digest::digest(&ring::digest::SHA256, &std::fs::read(path).unwrap());
-    Measurement(digest.as_ref().try_into().unwrap())
+    shardseal_attestation::measure_executable(path).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

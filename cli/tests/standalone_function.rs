@@ -25,10 +25,9 @@ fn standalone_function() -> PathBuf {
 }
 
 fn sha256(path: &Path) -> String {
-    hex::encode(ring::digest::digest(
-        &ring::digest::SHA256,
-        &std::fs::read(path).unwrap(),
-    ))
+    shardseal_attestation::measure_executable(path)
+        .unwrap()
+        .to_hex()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

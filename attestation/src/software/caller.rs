@@ -244,6 +244,12 @@ impl CallerIdentity {
     }
 }
 
+/// The measurement the quoting agent gives a process that runs the executable at `path`:
+/// the SHA-256 of the whole file, streamed. The owner's release policy allows these.
+pub fn measure_executable(path: &std::path::Path) -> io::Result<Measurement> {
+    hash_file(&mut File::open(path)?)
+}
+
 /// SHA-256 of a whole file (ring uses the CPU's SHA extensions where it has them).
 fn hash_file(file: &mut File) -> io::Result<Measurement> {
     let mut ctx = digest::Context::new(&digest::SHA256);
@@ -292,6 +298,9 @@ mod tests {
             identity.measure(&cache).unwrap().0.as_slice(),
             expected.as_ref()
         );
+        // The same measurement, taken from the file alone (what an owner allows).
+        let from_file = measure_executable(&std::env::current_exe().unwrap()).unwrap();
+        assert_eq!(from_file.0.as_slice(), expected.as_ref());
     }
 
     #[test]

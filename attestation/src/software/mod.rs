@@ -21,6 +21,7 @@ pub use agent::{
     AgentSocket, DEFAULT_AGENT_MAX_CONNECTIONS, DEFAULT_AGENT_REQUEST_TIMEOUT, QuotingAgent,
     bind_agent_socket,
 };
+pub use caller::measure_executable;
 pub use client::{QUOTE_REQUEST_TIMEOUT, request_quote};
 pub use platform_key::{
     InvalidPlatformPublicKey, KeyOrigin, PlatformKey, PlatformPublicKey, public_key_path,
