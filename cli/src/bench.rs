@@ -829,6 +829,16 @@ async fn measure(
     parallelisms.sort_unstable();
     parallelisms.dedup();
     parallelisms.retain(|&p| p > 0);
+    // One untimed pass of every configuration first, as the latency phase has its warm-up
+    // requests: the latency phase ran one inference at a time, so a function's further
+    // inference slots and plain tract's further threads would otherwise touch their memory
+    // for the first time in the first timed round (on this machine's VM, memory touched
+    // for the first time costs several times what reused memory does).
+    for &p in &parallelisms {
+        plain_throughput(plain.clone(), &inputs, args.warmup.max(p), p).await?;
+    }
+    let warmup = args.warmup.max(args.concurrency);
+    sealed_throughput(client, model, &inputs, warmup, args.concurrency).await?;
     // In rounds, every configuration once per round, so a burst of load from elsewhere on
     // the machine lands on all of them rather than on one.
     let processed_before: Vec<usize> = replicas
