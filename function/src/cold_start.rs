@@ -521,8 +521,9 @@ async fn attest_once(
 /// name from the function logs).
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct ColdStartTimings {
-    /// From process start (fork) to entering the cold start: exec, dynamic loading,
-    /// argument parsing, the async runtime.
+    /// From process start (spawn) to entering the cold start: exec, dynamic loading,
+    /// argument parsing, the async runtime. Exact under the local platform, within about
+    /// 10 ms elsewhere ([`process_age`]).
     pub startup_ms: f64,
     /// Hardening, TLS to the broker, its identity and a nonce (asked for together), and any
     /// waiting for an unreachable broker or quoting agent, retried with backoff.
@@ -547,7 +548,7 @@ pub struct ColdStartTimings {
     pub load_ms: f64,
     /// tract's optimisation and planning into a runnable model.
     pub optimize_ms: f64,
-    /// From process start (its start time in `/proc/self/stat`) to ready.
+    /// From process start to ready ([`process_age`]).
     pub total_ms: f64,
     /// Plaintext shard size.
     pub shard_bytes: u64,
@@ -559,11 +560,57 @@ pub struct ColdStartTimings {
     pub serve_memory: ServeMemory,
 }
 
-/// How long this process has existed: now (`CLOCK_BOOTTIME`, from `/proc/uptime`) minus its
-/// start time (field 22 of `/proc/self/stat`, in clock ticks since boot). Both are read at a
-/// 10 ms granularity, so this is within about 10 ms either way, and it counts from `fork`,
-/// so it includes `exec` and dynamic loading, which a timestamp taken in `main` would miss.
-pub fn process_age() -> Option<std::time::Duration> {
+/// The environment variable in which whoever spawned this process says when: nanoseconds
+/// of `CLOCK_BOOTTIME`, read just before the spawn. The local platform sets it
+/// (`shardseal_coordinator::platform::local::SPAWNED_AT_ENV`); elsewhere it is absent.
+pub const SPAWNED_AT_ENV: &str = "SHARDSEAL_SPAWNED_AT_BOOTTIME_NS";
+
+/// How far an age read from `/proc` may be off: its two readings are each in 10 ms steps.
+const PROC_AGE_SLACK: Duration = Duration::from_millis(25);
+
+/// How long this process has existed, counted from its spawn, so including `exec` and
+/// dynamic loading, which a timestamp taken in `main` would miss.
+///
+/// To the nanosecond where the spawner said when it spawned the process
+/// ([`SPAWNED_AT_ENV`]) and `/proc` agrees to within its granularity: the time is only a
+/// figure for the logs, but a spawner's word is not taken against the kernel's. Otherwise
+/// from `/proc` alone: now (`CLOCK_BOOTTIME`, from `/proc/uptime`) minus the process's start
+/// (field 22 of `/proc/self/stat`, in clock ticks since boot), within about 10 ms either
+/// way.
+pub fn process_age() -> Option<Duration> {
+    let spawned = std::env::var(SPAWNED_AT_ENV)
+        .ok()
+        .and_then(|said| age_since(&said, boottime_ns()?));
+    believed_age(spawned, age_from_proc())
+}
+
+/// The spawner's age where `/proc` agrees with it (or says nothing), else `/proc`'s.
+fn believed_age(spawned: Option<Duration>, proc: Option<Duration>) -> Option<Duration> {
+    match (spawned, proc) {
+        (Some(spawned), Some(proc)) if spawned.abs_diff(proc) <= PROC_AGE_SLACK => Some(spawned),
+        (Some(spawned), None) => Some(spawned),
+        (_, proc) => proc,
+    }
+}
+
+/// The time from `spawned_ns` (as [`SPAWNED_AT_ENV`] gives it) to `now_ns`, if the one is
+/// a number of nanoseconds no later than the other.
+fn age_since(spawned_ns: &str, now_ns: u128) -> Option<Duration> {
+    let spawned: u128 = spawned_ns.trim().parse().ok()?;
+    let nanos = u64::try_from(now_ns.checked_sub(spawned)?).ok()?;
+    Some(Duration::from_nanos(nanos))
+}
+
+/// `CLOCK_BOOTTIME` now, in nanoseconds.
+fn boottime_ns() -> Option<u128> {
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME).ok()?;
+    let seconds = u128::try_from(now.tv_sec()).ok()?;
+    let nanos = u128::try_from(now.tv_nsec()).ok()?;
+    Some(seconds * 1_000_000_000 + nanos)
+}
+
+/// This process's age from `/proc` (see [`process_age`]).
+fn age_from_proc() -> Option<Duration> {
     // USER_HZ: the unit of /proc times, fixed at 100 by the Linux ABI on every architecture
     // ShardSeal builds for.
     const CLOCK_TICKS_PER_SECOND: f64 = 100.0;
@@ -577,7 +624,7 @@ pub fn process_age() -> Option<std::time::Duration> {
         .parse()
         .ok()?;
     let age = now - started / CLOCK_TICKS_PER_SECOND;
-    (age >= 0.0).then(|| std::time::Duration::from_secs_f64(age))
+    (age >= 0.0).then(|| Duration::from_secs_f64(age))
 }
 
 /// A shard read from the store and opened, with what it took.
@@ -800,6 +847,48 @@ async fn fetch_and_open(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_spawn_time_gives_the_age_to_the_nanosecond() {
+        let now: u128 = 5_000_000_123_456_789;
+        assert_eq!(
+            age_since(&(now - 3_250_000).to_string(), now),
+            Some(Duration::from_micros(3_250))
+        );
+        assert_eq!(age_since(&now.to_string(), now), Some(Duration::ZERO));
+        // Later than now, negative, or not a number: no age.
+        for said in [(now + 1).to_string(), "-5".into(), "".into(), "3 ms".into()] {
+            assert_eq!(age_since(&said, now), None, "{said:?}");
+        }
+    }
+
+    #[test]
+    fn a_spawn_time_is_believed_only_where_proc_agrees() {
+        let ms = Duration::from_millis;
+        let exact = Duration::from_micros(8_437);
+        // /proc in 10 ms steps: 0 or 10 ms for a process 8.4 ms old.
+        assert_eq!(believed_age(Some(exact), Some(ms(0))), Some(exact));
+        assert_eq!(believed_age(Some(exact), Some(ms(10))), Some(exact));
+        assert_eq!(believed_age(Some(exact), None), Some(exact));
+        // A spawner's time a second off the kernel's is not taken.
+        assert_eq!(believed_age(Some(ms(1_008)), Some(ms(10))), Some(ms(10)));
+        assert_eq!(believed_age(None, Some(ms(10))), Some(ms(10)));
+        assert_eq!(believed_age(None, None), None);
+    }
+
+    #[test]
+    fn the_local_platform_names_the_same_variable() {
+        assert_eq!(
+            SPAWNED_AT_ENV,
+            shardseal_coordinator::platform::local::SPAWNED_AT_ENV
+        );
+    }
+
+    #[test]
+    fn this_process_has_an_age() {
+        let age = process_age().expect("/proc or the spawner's time");
+        assert!(age < Duration::from_secs(24 * 3600), "{age:?}");
+    }
     use shardseal_attestation::{Measurement, ModelVersion};
     use shardseal_keys::{KeyReleaseContext, Signed, SigningKey, seal_key_release, to_blob};
 

@@ -29,7 +29,9 @@ mod sched;
 mod service;
 mod wipe_alloc;
 
-pub use cold_start::{AttestedStage, ColdStartConfig, ColdStartTimings, cold_start, process_age};
+pub use cold_start::{
+    AttestedStage, ColdStartConfig, ColdStartTimings, SPAWNED_AT_ENV, cold_start, process_age,
+};
 pub use engine::{InputSpec, LoadTimings, StageEngine};
 pub use entry::{
     FunctionArgs, LOAD_MEMORY_ENV, MAX_BATCH, READY_MARKER, SERVE_MEMORY_ENV, main_with,
