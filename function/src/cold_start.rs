@@ -847,48 +847,6 @@ async fn fetch_and_open(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_spawn_time_gives_the_age_to_the_nanosecond() {
-        let now: u128 = 5_000_000_123_456_789;
-        assert_eq!(
-            age_since(&(now - 3_250_000).to_string(), now),
-            Some(Duration::from_micros(3_250))
-        );
-        assert_eq!(age_since(&now.to_string(), now), Some(Duration::ZERO));
-        // Later than now, negative, or not a number: no age.
-        for said in [(now + 1).to_string(), "-5".into(), "".into(), "3 ms".into()] {
-            assert_eq!(age_since(&said, now), None, "{said:?}");
-        }
-    }
-
-    #[test]
-    fn a_spawn_time_is_believed_only_where_proc_agrees() {
-        let ms = Duration::from_millis;
-        let exact = Duration::from_micros(8_437);
-        // /proc in 10 ms steps: 0 or 10 ms for a process 8.4 ms old.
-        assert_eq!(believed_age(Some(exact), Some(ms(0))), Some(exact));
-        assert_eq!(believed_age(Some(exact), Some(ms(10))), Some(exact));
-        assert_eq!(believed_age(Some(exact), None), Some(exact));
-        // A spawner's time a second off the kernel's is not taken.
-        assert_eq!(believed_age(Some(ms(1_008)), Some(ms(10))), Some(ms(10)));
-        assert_eq!(believed_age(None, Some(ms(10))), Some(ms(10)));
-        assert_eq!(believed_age(None, None), None);
-    }
-
-    #[test]
-    fn the_local_platform_names_the_same_variable() {
-        assert_eq!(
-            SPAWNED_AT_ENV,
-            shardseal_coordinator::platform::local::SPAWNED_AT_ENV
-        );
-    }
-
-    #[test]
-    fn this_process_has_an_age() {
-        let age = process_age().expect("/proc or the spawner's time");
-        assert!(age < Duration::from_secs(24 * 3600), "{age:?}");
-    }
     use shardseal_attestation::{Measurement, ModelVersion};
     use shardseal_keys::{KeyReleaseContext, Signed, SigningKey, seal_key_release, to_blob};
 
@@ -1091,6 +1049,42 @@ mod tests {
                 .take_within(&stage1, Duration::from_secs(10))
                 .await
                 .is_none()
+        );
+    }
+
+    #[test]
+    fn a_spawn_time_gives_the_age_to_the_nanosecond() {
+        let now: u128 = 5_000_000_123_456_789;
+        assert_eq!(
+            age_since(&(now - 3_250_000).to_string(), now),
+            Some(Duration::from_micros(3_250))
+        );
+        assert_eq!(age_since(&now.to_string(), now), Some(Duration::ZERO));
+        // Later than now, negative, or not a number: no age.
+        for said in [(now + 1).to_string(), "-5".into(), "".into(), "3 ms".into()] {
+            assert_eq!(age_since(&said, now), None, "{said:?}");
+        }
+    }
+
+    #[test]
+    fn a_spawn_time_is_believed_only_where_proc_agrees() {
+        let ms = Duration::from_millis;
+        let exact = Duration::from_micros(8_437);
+        // /proc in 10 ms steps: 0 or 10 ms for a process 8.4 ms old.
+        assert_eq!(believed_age(Some(exact), Some(ms(0))), Some(exact));
+        assert_eq!(believed_age(Some(exact), Some(ms(10))), Some(exact));
+        assert_eq!(believed_age(Some(exact), None), Some(exact));
+        // A spawner's time a second off the kernel's is not taken.
+        assert_eq!(believed_age(Some(ms(1_008)), Some(ms(10))), Some(ms(10)));
+        assert_eq!(believed_age(None, Some(ms(10))), Some(ms(10)));
+        assert_eq!(believed_age(None, None), None);
+    }
+
+    #[test]
+    fn the_local_platform_names_the_same_variable() {
+        assert_eq!(
+            SPAWNED_AT_ENV,
+            shardseal_coordinator::platform::local::SPAWNED_AT_ENV
         );
     }
 }
