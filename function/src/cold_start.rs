@@ -604,9 +604,7 @@ fn age_since(spawned_ns: &str, now_ns: u128) -> Option<Duration> {
 /// `CLOCK_BOOTTIME` now, in nanoseconds.
 fn boottime_ns() -> Option<u128> {
     let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME).ok()?;
-    let seconds = u128::try_from(now.tv_sec()).ok()?;
-    let nanos = u128::try_from(now.tv_nsec()).ok()?;
-    Some(seconds * 1_000_000_000 + nanos)
+    Some(Duration::from(now).as_nanos())
 }
 
 /// This process's age from `/proc` (see [`process_age`]).

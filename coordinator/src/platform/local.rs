@@ -124,7 +124,7 @@ impl Platform for LocalPlatform {
 
         let mut command = Command::new(program);
         if let Ok(now) = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME) {
-            let nanos = i128::from(now.tv_sec()) * 1_000_000_000 + i128::from(now.tv_nsec());
+            let nanos = std::time::Duration::from(now).as_nanos();
             command.env(SPAWNED_AT_ENV, nanos.to_string());
         }
         if let Some(limit) = &self.config.memory_limit {
